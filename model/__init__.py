@@ -1,0 +1,13 @@
+"""mnist-lora-diffusion: a conditional diffusion model and a hand-written LoRA, in miniature.
+
+Read the package as a tutorial, one chapter per file:
+
+    data.py        MNIST as one tensor on the device
+    unet.py        the noise-prediction network (a small UNet)
+    attention.py   cross-attention from pixels to the digit label
+    diffusion.py   the noise schedule, the training loss and the samplers (DDPM, DDIM, guidance)
+    ema.py         an exponential moving average of the weights
+    lora.py        low-rank adaptation of the attention projections
+    checkpoint.py  saving and loading models and adapters
+    cli.py         what the three scripts share: devices, seeds and one-line errors
+"""

@@ -1,0 +1,87 @@
+"""Checkpoints: what is saved, how it is written safely, and how it is read back on any device.
+
+A model checkpoint is a plain dict of tensors, numbers and strings -- nothing pickled that could run code,
+so it loads with `torch.load(weights_only=True)`:
+
+    kind        "mnist-diffusion"
+    config      the UNet's constructor arguments (enough to rebuild it without guessing)
+    diffusion   the schedule (T, beta_start, beta_end)
+    model, ema  state_dicts of the live and the averaged weights
+    optimizer   the optimizer's state_dict, so --resume continues exactly
+    step, losses, seconds, args
+
+Files are written atomically: to a temporary file in the same folder, then renamed over the target, so a
+crash or Ctrl-C during a save never leaves a half-written checkpoint behind. `map_location` lets a
+checkpoint written on a GPU load on a CPU-only machine.
+"""
+import hashlib
+import os
+import tempfile
+
+import torch
+
+from .cli import UserError
+from .diffusion import Diffusion
+from .unet import UNet
+
+MODEL_KIND = "mnist-diffusion"
+
+
+def save_file(obj, path):
+    """torch.save to `path` atomically (temp file + rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates the file private (0600); a checkpoint is ordinary data
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_file(path, kind, device="cpu"):
+    """torch.load with weights_only=True, checking that the file is a `kind` file; one-line errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path}: not a valid checkpoint ({type(e).__name__})")
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
+        found = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path} is not a {kind} file (found {found!r})")
+    return obj
+
+
+def fingerprint(model):
+    """A short hash of a model's weights: names, shapes and exact values. Ties an adapter to its base."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_model(path, model, ema, diffusion, optimizer, step, losses, seconds, args):
+    save_file(dict(kind=MODEL_KIND, config=model.config, diffusion=diffusion.config(),
+                   model=model.state_dict(), ema=ema.model.state_dict(), optimizer=optimizer.state_dict(),
+                   step=step, losses=list(losses), seconds=seconds, args=args), path)
+
+
+def load_model(path, device="cpu", weights="ema"):
+    """Rebuild the UNet and its Diffusion from a checkpoint. Returns (model, diffusion, checkpoint dict).
+
+    weights="ema" loads the averaged weights used for sampling; "model" the live training weights.
+    """
+    ckpt = load_file(path, MODEL_KIND, device)
+    try:
+        model = UNet(**ckpt["config"]).to(device)
+        model.load_state_dict(ckpt[weights])
+        diffusion = Diffusion(**ckpt["diffusion"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path} does not match this version of the model: {str(e).splitlines()[0]}")
+    return model, diffusion, ckpt

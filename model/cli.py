@@ -1,0 +1,94 @@
+"""What the scripts share: picking a device, seeding, and turning bad input into one line.
+
+Every script is a thin argparse front end whose `main()` runs inside `run_cli`. Anything the user can get
+wrong (a missing file, a digit outside 0-9, an unwritable path) raises `UserError`; `run_cli` prints its
+message as a single `error: ...` line and exits with status 2, instead of a Python traceback.
+"""
+import argparse
+import os
+import random
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, never as a traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`error: ...`) rather than the usage block plus a line."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(main):
+    """Run `main()`, reporting a UserError as one line (exit 2) and Ctrl-C as exit 130."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(name=None):
+    """`cuda` if available, else Apple's `mps`, else `cpu` -- or the device the user named."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for, but this machine has no MPS backend")
+    return device
+
+
+def seed_everything(seed):
+    """Seed Python and PyTorch (all devices) so that a run can be repeated."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (tensor cores, no loss scaling needed); a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def check_writable(path):
+    """Fail early, with one line, if `path` cannot be written (before minutes of work are done)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    existed = os.path.exists(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "ab"):  # opening for append creates nothing new if the file is there
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}")
+    if not existed:
+        os.remove(path)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (so `--epochs 0` is a clear usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

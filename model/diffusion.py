@@ -1,0 +1,166 @@
+"""DDPM in one page: the noise schedule, the forward process, the loss, and the reverse samplers.
+
+Notation follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM), and Song et al. 2021,
+"Denoising Diffusion Implicit Models" (DDIM). Steps are 0-indexed: t = 0 .. T-1.
+
+    beta_t        linear from beta_start to beta_end                          (DDPM sec. 4)
+    alpha_t       = 1 - beta_t
+    alpha_bar_t   = prod_{s<=t} alpha_s
+    forward:      x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I)   (DDPM eq. 4)
+    loss:         || eps - eps_theta(x_t, t, y) ||^2                            (DDPM eq. 14)
+
+Reverse step, from x_t to x_{t'} with t' < t (t' = t - 1 for plain DDPM; larger jumps for fewer steps):
+
+    x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), clipped to [-1, 1]  (DDPM eq. 15)
+    DDPM:  x_t' = mu~(x_t, x0_hat) + sqrt(beta~) z                              (DDPM eqs. 6-7)
+    DDIM:  x_t' = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps_hat + sigma z  (DDIM eq. 12)
+
+We clip the *predicted clean image* x0_hat, not x_t: x_t is legitimately outside [-1, 1] (it is mostly
+noise early on), while x0_hat must be a valid image.
+
+Classifier-free guidance (Ho & Salimans 2022): one network predicts both eps(x_t, y) and the unconditional
+eps(x_t, null), having seen the null label for ~10% of training examples. Sampling extrapolates
+
+    eps_hat = eps_null + s (eps_y - eps_null)
+
+with s = 1 plain conditional sampling and s > 1 pushing harder toward the label (diffusers' convention).
+"""
+import torch
+import torch.nn.functional as F
+
+
+class Diffusion:
+    """The fixed schedule and everything computed from it. Holds no learned weights."""
+
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
+        self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
+        # Computed in float64 on the host: these are constants, and 1000 cumulative products in float32
+        # would lose digits exactly where alpha_bar is tiny.
+        self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        self.alphas = 1.0 - self.betas
+        self.alpha_bar = torch.cumprod(self.alphas, dim=0)
+
+    def config(self):
+        return dict(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
+
+    def _alpha_bar(self, t):
+        """alpha_bar_t as a Python float, with alpha_bar_{-1} = 1 (the clean image) for the last step."""
+        return 1.0 if t < 0 else float(self.alpha_bar[t])
+
+    # ---- forward process and training -------------------------------------------------------------
+
+    def q_sample(self, x_0, t, eps):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for a batch of steps t [B]."""
+        alpha_bar = self.alpha_bar.to(x_0.device, torch.float32)[t].view(-1, 1, 1, 1)  # [B,1,1,1]
+        return alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * eps
+
+    def loss(self, model, x_0, y, p_uncond=0.0):
+        """The simple DDPM loss: MSE between the true noise and the predicted noise at a random step.
+
+        With probability `p_uncond` a label is replaced by the null label, so the same network also learns
+        the unconditional prediction that classifier-free guidance needs.
+        """
+        B = x_0.shape[0]
+        t = torch.randint(0, self.T, (B,), device=x_0.device)
+        eps = torch.randn_like(x_0)
+        x_t = self.q_sample(x_0, t, eps)
+        if p_uncond > 0:
+            drop = torch.rand(B, device=x_0.device) < p_uncond
+            y = torch.where(drop, torch.full_like(y, model.config["num_classes"]), y)
+        return F.mse_loss(model(x_t, t, y).float(), eps)
+
+    # ---- reverse process ---------------------------------------------------------------------------
+
+    def predict_x0(self, x_t, t, eps):
+        """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to the pixel range."""
+        alpha_bar = self._alpha_bar(t)
+        return ((x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5).clamp(-1, 1)
+
+    def ddpm_step(self, x_t, t, t_prev, eps, noise):
+        """Ancestral step x_t -> x_{t_prev}: the Gaussian posterior q(x_{t_prev} | x_t, x0_hat).
+
+            mu~   = sqrt(alpha_bar_prev) beta / (1 - alpha_bar_t) x0_hat
+                    + sqrt(alpha_t) (1 - alpha_bar_prev) / (1 - alpha_bar_t) x_t
+            beta~ = (1 - alpha_bar_prev) / (1 - alpha_bar_t) beta
+
+        with alpha_t = alpha_bar_t / alpha_bar_prev and beta = 1 - alpha_t. For t_prev = t - 1 these are
+        DDPM's beta_t and alpha_t; for a larger jump they are the "respaced" values of Nichol & Dhariwal
+        (2021), which lets DDPM run with fewer steps too.
+        """
+        alpha_bar, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        alpha = alpha_bar / alpha_bar_prev
+        beta = 1 - alpha
+        x0_hat = self.predict_x0(x_t, t, eps)
+        mean = (alpha_bar_prev ** 0.5 * beta / (1 - alpha_bar)) * x0_hat \
+            + (alpha ** 0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)) * x_t
+        var = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta  # 0 at the last step: return the mean
+        return mean + var ** 0.5 * noise
+
+    def ddim_step(self, x_t, t, t_prev, eps, eta, noise):
+        """DDIM step x_t -> x_{t_prev} (DDIM eq. 12). eta = 0: deterministic; eta = 1: the DDPM step.
+
+            sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
+        """
+        alpha_bar, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        x0_hat = self.predict_x0(x_t, t, eps)
+        # Re-derive eps from the clipped x0_hat so that the two agree; then eta = 1 is exactly DDPM.
+        eps = (x_t - alpha_bar ** 0.5 * x0_hat) / (1 - alpha_bar) ** 0.5
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)) ** 0.5
+        x_prev = alpha_bar_prev ** 0.5 * x0_hat + max(1 - alpha_bar_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        return x_prev + sigma * noise if sigma > 0 else x_prev
+
+    def timesteps(self, steps):
+        """`steps` evenly spaced steps from T-1 down to 0 (all T of them when steps = T)."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be in 1..{self.T}, got {steps}")
+        return torch.linspace(self.T - 1, 0, steps).round().long().tolist()
+
+    @torch.inference_mode()
+    def sample(self, model, y, steps=None, sampler="ddpm", eta=None, guidance=1.0, generator=None,
+               frames=0, x_T=None):
+        """Draw one image per label in y [B], starting from x_T ~ N(0, I).
+
+        Returns x_0 [B,1,28,28] in [-1,1]; with `frames` > 0 also a list of up to `frames` snapshots
+        (t', x_t') evenly spaced along the chain, the last being (-1, x_0). Everything stays on the device:
+        no host copies per step.
+        """
+        steps = self.T if steps is None else steps
+        eta = (1.0 if sampler == "ddpm" else 0.0) if eta is None else eta
+        device = y.device
+        x = torch.randn(len(y), 1, 28, 28, device=device, generator=generator) if x_T is None else x_T
+        ts = self.timesteps(steps)
+        keep = set(torch.linspace(0, len(ts) - 1, frames).round().long().tolist()) if frames else set()
+        snapshots = []
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            eps = guided_eps(model, x, torch.full_like(y, t), y, guidance)
+            noise = torch.randn(x.shape, device=device, generator=generator) if t_prev >= 0 else 0.0
+            if sampler == "ddpm":
+                x = self.ddpm_step(x, t, t_prev, eps, noise)
+            else:
+                x = self.ddim_step(x, t, t_prev, eps, eta, noise)
+            if i in keep:
+                snapshots.append((t_prev, x))
+        return (x, snapshots) if frames else x
+
+
+def guided_eps(model, x_t, t, y, guidance=1.0):
+    """Classifier-free guidance: eps_null + s (eps_y - eps_null). s = 1 is the conditional prediction itself.
+
+    For s != 1 the conditional and unconditional inputs go through the network as one batch of 2B.
+    """
+    if guidance == 1.0:
+        return model(x_t, t, y).float()
+    null = torch.full_like(y, model.config["num_classes"])
+    eps_y, eps_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    return eps_null + guidance * (eps_y - eps_null)
+
+
+def sample_in_batches(diffusion, model, labels, batch_size=1000, generator=None, **kwargs):
+    """Sample one image per label in `labels` [N], `batch_size` at a time (memory stays bounded).
+
+    Batching is what makes sampling fast: 10,000 digits at batch 1,000 are 10 passes down the chain, not
+    10,000. Drawing from one generator in order makes the result depend only on the seed and batch size.
+    """
+    out = [diffusion.sample(model, y, generator=generator, **kwargs) for y in labels.split(batch_size)]
+    return torch.cat(out)

@@ -1,0 +1,71 @@
+"""Figures: digit grids in MNIST's own look (white on black, grey colour map) and training curves.
+
+Everything here takes tensors already on the host and writes a PNG with matplotlib (Agg backend, so it
+works on machines without a display).
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .data import to_uint8  # noqa: E402
+
+
+def _mosaic(images, pad=2):
+    """[R, C, 28, 28] pixels (uint8, or floats in [-1, 1]) -> one [R*(28+pad), C*(28+pad)] uint8 image."""
+    if images.dtype != torch.uint8:
+        images = to_uint8(images)
+    R, C, H, W = images.shape
+    canvas = torch.zeros(R, C, H + pad, W + pad, dtype=torch.uint8)
+    canvas[:, :, pad // 2:pad // 2 + H, pad // 2:pad // 2 + W] = images.cpu()
+    return canvas.permute(0, 2, 1, 3).reshape(R * (H + pad), C * (W + pad))
+
+
+def save_grid(path, panels, row_labels, col_labels=None, title=None):
+    """Write one or more side-by-side panels of digit images, one labelled row each.
+
+    panels: {panel title: images [R, C, 28, 28]} (every panel the same R); row_labels: R strings;
+    col_labels: optional C strings shown under each column.
+    """
+    panels = {k: v.reshape(v.shape[0], v.shape[1], 28, 28) for k, v in panels.items()}
+    R, C = next(iter(panels.values())).shape[:2]
+    cell = 0.42  # inches per digit
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(len(panels) * (C * cell + 0.5) + 0.3, R * cell + 0.9))
+    for ax, (name, images) in zip(axes[0], panels.items()):
+        ax.imshow(_mosaic(images), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        step = images.shape[2] + 2
+        ax.set_yticks([step * (i + 0.5) for i in range(R)], row_labels)
+        if col_labels:
+            ax.set_xticks([step * (j + 0.5) for j in range(C)], col_labels, fontsize=7)
+        else:
+            ax.set_xticks([])
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if len(panels) > 1 or name:
+            ax.set_title(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_loss_curve(path, losses, title="training loss"):
+    """Per-step loss (faint) and its moving average over ~1% of the run, log scale."""
+    losses = torch.tensor(losses, dtype=torch.float64)
+    k = max(1, len(losses) // 100)
+    smooth = losses.unfold(0, k, 1).mean(1) if len(losses) >= k else losses
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, color="tab:blue", alpha=0.25, linewidth=0.5, label="per step")
+    ax.plot(range(k - 1, k - 1 + len(smooth)), smooth, color="tab:blue", label=f"mean of {k} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("MSE(eps, eps_hat)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
