@@ -1,0 +1,76 @@
+"""Checkpoints round-trip exactly, are written atomically, load across devices and fail in one line."""
+import os
+
+import pytest
+import torch
+
+from model import checkpoint
+from model.checkpoint import fingerprint, load_model, save_model
+from model.cli import UserError
+from model.diffusion import Diffusion
+from model.ema import EMA
+
+
+def _save(model, path, device="cpu"):
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 1, 28, 28, device=device), torch.tensor([1, 2], device=device),
+          torch.tensor([3, 4], device=device)).mean().backward()
+    opt.step()
+    save_model(path, model, EMA(model), Diffusion(T=200), opt, step=7, losses=[1.0, 0.5], seconds=1.5,
+               args={"lr": 1e-3})
+    return model
+
+
+def test_round_trip_is_exact(tiny_model, tmp_path):
+    path = str(tmp_path / "m.pt")
+    model = _save(tiny_model, path)
+    loaded, diffusion, ckpt = load_model(path, "cpu", weights="model")
+    assert loaded.config == model.config and diffusion.T == 200 and ckpt["step"] == 7
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert fingerprint(model) == fingerprint(loaded)
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, t, y), loaded.eval()(x, t, y))
+    assert set(os.listdir(tmp_path)) == {"m.pt"}  # no temporary file left behind
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to write a GPU checkpoint")
+def test_gpu_checkpoint_loads_on_cpu(tiny_model, tmp_path):
+    path = str(tmp_path / "m.pt")
+    model = _save(tiny_model, path, device="cuda")
+    loaded, _, _ = load_model(path, "cpu", weights="model")
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_save_is_atomic(tiny_model, tmp_path, monkeypatch):
+    path = str(tmp_path / "m.pt")
+    _save(tiny_model, path)
+    before = open(path, "rb").read()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of writing
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tiny_model, path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a valid checkpoint"):
+        load_model(str(tmp_path / "junk.pt"))
+    torch.save({"kind": "lora-adapter"}, tmp_path / "adapter.pt")
+    with pytest.raises(UserError, match="not a mnist-diffusion file"):
+        load_model(str(tmp_path / "adapter.pt"))
+    torch.save({"kind": "mnist-diffusion", "config": {"channels": (8, 8, 8)}, "ema": {}}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match="does not match"):
+        load_model(str(tmp_path / "old.pt"))

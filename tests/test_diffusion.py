@@ -1,0 +1,132 @@
+"""The schedule, the forward process and the reverse steps against their equations."""
+import math
+
+import torch
+
+from model.diffusion import Diffusion, guided_eps
+
+
+def test_schedule_endpoints_and_monotone():
+    d = Diffusion(T=1000, beta_start=1e-4, beta_end=0.02)
+    assert math.isclose(float(d.betas[0]), 1e-4) and math.isclose(float(d.betas[-1]), 0.02)
+    assert math.isclose(float(d.alpha_bar[0]), 1 - 1e-4)
+    assert torch.all(d.alpha_bar[1:] < d.alpha_bar[:-1])  # strictly decreasing: every step adds noise
+    assert float(d.alpha_bar[-1]) < 1e-4                   # x_T is (almost) pure noise
+    assert torch.allclose(d.alpha_bar, torch.cumprod(1 - d.betas, 0))
+
+
+def test_forward_process_matches_closed_form_statistically():
+    """Running q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I) step by step gives the closed form."""
+    torch.manual_seed(0)
+    d = Diffusion(T=1000)
+    x_0 = torch.full((20000,), 0.8)
+    x = x_0.clone()
+    for t in range(300):
+        x = d.alphas[t].sqrt().float() * x + d.betas[t].sqrt().float() * torch.randn_like(x)
+    alpha_bar = float(d.alpha_bar[299])
+    assert abs(x.mean() - math.sqrt(alpha_bar) * 0.8) < 0.02
+    assert abs(x.std() - math.sqrt(1 - alpha_bar)) < 0.02
+    # ... and q_sample is exactly the closed form
+    eps = torch.randn(4, 1, 28, 28)
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    t = torch.tensor([0, 10, 500, 999])
+    expected = torch.stack([math.sqrt(d.alpha_bar[k]) * x0[i] + math.sqrt(1 - d.alpha_bar[k]) * eps[i]
+                            for i, k in enumerate(t.tolist())])
+    assert torch.allclose(d.q_sample(x0, t, eps), expected.float(), atol=1e-5)
+
+
+def test_ddpm_step_equals_the_formula_on_hand_made_tensors():
+    d = Diffusion(T=10, beta_start=0.1, beta_end=0.5)
+    x_t = torch.tensor([[0.5, -0.3], [1.5, 0.0]]).view(1, 1, 2, 2)
+    eps = torch.tensor([[0.2, 0.1], [-0.4, 0.3]]).view(1, 1, 2, 2)
+    z = torch.tensor([[1.0, -1.0], [0.5, 2.0]]).view(1, 1, 2, 2)
+    t = 6
+    beta, alpha = float(d.betas[t]), 1 - float(d.betas[t])
+    ab, ab_prev = float(d.alpha_bar[t]), float(d.alpha_bar[t - 1])
+    x0 = ((x_t - math.sqrt(1 - ab) * eps) / math.sqrt(ab)).clamp(-1, 1)  # DDPM eq. 15, clipped
+    mean = math.sqrt(ab_prev) * beta / (1 - ab) * x0 + math.sqrt(alpha) * (1 - ab_prev) / (1 - ab) * x_t
+    var = (1 - ab_prev) / (1 - ab) * beta
+    assert x0.abs().max() == 1  # the hand-made case does exercise the clipping
+    assert torch.allclose(d.ddpm_step(x_t, t, t - 1, eps, z), mean + math.sqrt(var) * z, atol=1e-6)
+    # the last step returns the clipped x0 prediction, no noise
+    last = ((x_t - math.sqrt(1 - d.alpha_bar[0]) * eps) / math.sqrt(d.alpha_bar[0])).clamp(-1, 1)
+    assert torch.allclose(d.ddpm_step(x_t, 0, -1, eps, z), last.float(), atol=1e-6)
+
+
+def test_ddim_with_eta_1_is_the_ddpm_step():
+    torch.manual_seed(0)
+    d = Diffusion(T=50)
+    x_t, eps, z = torch.randn(3, 8, 1, 28, 28) * 1.5
+    for t in (49, 20, 1):
+        assert torch.allclose(d.ddim_step(x_t, t, t - 1, eps, 1.0, z), d.ddpm_step(x_t, t, t - 1, eps, z),
+                              atol=1e-5)
+
+
+def test_ddim_eta_1_step_has_the_ddpm_posterior_distribution():
+    """One step from a fixed x_t, many noise draws: mean and variance of the Gaussian posterior."""
+    torch.manual_seed(0)
+    d = Diffusion(T=100)
+    t = 40
+    x_t = torch.full((40000, 1, 1, 1), 0.3)
+    eps = torch.full_like(x_t, 0.1)
+    out = d.ddim_step(x_t, t, t - 1, eps, 1.0, torch.randn_like(x_t))
+    ab, ab_prev, beta = float(d.alpha_bar[t]), float(d.alpha_bar[t - 1]), float(d.betas[t])
+    x0 = (0.3 - math.sqrt(1 - ab) * 0.1) / math.sqrt(ab)
+    mean = math.sqrt(ab_prev) * beta / (1 - ab) * x0 + math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab) * 0.3
+    var = (1 - ab_prev) / (1 - ab) * beta
+    assert abs(out.mean() - mean) < 3 * math.sqrt(var / 40000) + 1e-6
+    assert abs(out.var() / var - 1) < 0.03
+
+
+def test_ddim_sampler_with_eta_1_reproduces_the_ddpm_sampler(tiny_model):
+    d = Diffusion(T=20)
+    y = torch.arange(4)
+    runs = [d.sample(tiny_model.eval(), y, sampler=s, eta=1.0, generator=torch.Generator().manual_seed(3))
+            for s in ("ddpm", "ddim")]
+    assert torch.allclose(runs[0], runs[1], atol=1e-5)
+
+
+def test_ddim_eta_0_is_deterministic_given_the_start(tiny_model):
+    d = Diffusion(T=100)
+    y = torch.arange(5)
+    a = d.sample(tiny_model.eval(), y, steps=10, sampler="ddim", generator=torch.Generator().manual_seed(1))
+    b = d.sample(tiny_model, y, steps=10, sampler="ddim", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    # eta = 0 draws no noise after x_T: the same x_T gives the same image whatever the generator says
+    x_T = torch.randn(5, 1, 28, 28)
+    c = d.sample(tiny_model, y, steps=10, sampler="ddim", x_T=x_T.clone(), generator=torch.Generator().manual_seed(7))
+    e = d.sample(tiny_model, y, steps=10, sampler="ddim", x_T=x_T.clone(), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(c, e)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_timesteps_span_the_chain():
+    d = Diffusion(T=1000)
+    assert d.timesteps(1000) == list(range(999, -1, -1))
+    ts = d.timesteps(50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
+
+
+def test_guidance_1_is_exactly_the_conditional_prediction(tiny_model):
+    model = tiny_model.eval()
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([5, 50, 500, 900]), torch.tensor([0, 3, 7, 9])
+    with torch.no_grad():
+        assert torch.equal(guided_eps(model, x, t, y, 1.0), model(x, t, y))
+        cond, null = model(x, t, y), model(x, t, torch.full_like(y, 10))
+        assert torch.allclose(guided_eps(model, x, t, y, 3.0), null + 3.0 * (cond - null), atol=1e-5)
+
+
+def test_label_dropout_uses_the_null_label(tiny_model):
+    seen = []
+
+    def spy(x_t, t, y):
+        seen.append(y.clone())
+        return tiny_model(x_t, t, y)
+
+    spy.config = tiny_model.config
+    d = Diffusion(T=10)
+    y = torch.zeros(2000, dtype=torch.long)
+    torch.manual_seed(0)
+    d.loss(spy, torch.zeros(2000, 1, 28, 28), y, p_uncond=0.1)
+    share = (seen[0] == 10).float().mean()
+    assert 0.08 < share < 0.12 and set(seen[0].tolist()) == {0, 10}

@@ -1,0 +1,144 @@
+"""LoRA: exact at init, trains only the adapter, merges losslessly, and its file refuses the wrong base."""
+import math
+
+import pytest
+import torch
+
+from model.cli import UserError
+from model.diffusion import Diffusion
+from model.lora import (LoraLayer, inject_lora, load_lora, lora_state_dict, merge_lora, parameter_report,
+                        save_lora, set_lora, unmerge_lora)
+from model.checkpoint import fingerprint
+from model.unet import UNet
+
+from conftest import TINY
+
+X, T, Y = torch.randn(4, 1, 28, 28), torch.tensor([3, 300, 600, 999]), torch.tensor([0, 5, 9, 10])
+
+
+def run(model):
+    with torch.no_grad():
+        return model.eval()(X, T, Y)
+
+
+def base_model(seed=0):
+    torch.manual_seed(seed)
+    return UNet(**TINY)
+
+
+def trained_lora(steps=10, lr=1e-2):
+    """A base model and a copy with a LoRA adapter trained for a few steps (all in fp32, CPU)."""
+    base = base_model()
+    model = base_model()
+    inject_lora(model, r=4, alpha=8)
+    d = Diffusion(T=100)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    torch.manual_seed(1)
+    model.train()
+    for _ in range(steps):
+        loss = d.loss(model, torch.rand(16, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (16,)), p_uncond=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return base, model
+
+
+def test_layer_formula_and_init():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5)
+    layer = LoraLayer(linear, r=2, alpha=3.0)
+    assert torch.equal(layer.lora_B, torch.zeros(5, 2)) and layer.lora_A.shape == (2, 6)
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(6)  # Kaiming-uniform(a=sqrt 5) = U(+-1/sqrt(in))
+    assert not linear.weight.requires_grad and not linear.bias.requires_grad
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(7, 6)
+    expected = x @ linear.weight.T + linear.bias + (3.0 / 2) * x @ layer.lora_A.T @ layer.lora_B.T
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_injection_is_bit_identical_at_init_and_freezes_the_base():
+    base, model = base_model(), base_model()
+    layers = inject_lora(model, r=4, alpha=4)
+    assert len(layers) == 15  # w_q, w_k, w_v in each of the 5 attention blocks
+    assert all(torch.equal(l.lora_B, torch.zeros_like(l.lora_B)) for l in layers)
+    assert torch.equal(run(model), run(base))
+    trainable, total = parameter_report(model)
+    assert trainable == sum(l.lora_A.numel() + l.lora_B.numel() for l in layers)
+    assert trainable / total < 0.05
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+def test_training_changes_only_the_adapter_and_wakes_up_w_q_and_w_k():
+    base, model = trained_lora()
+    base_sd = base.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.endswith(("lora_A", "lora_B")):
+            continue
+        assert torch.equal(tensor, base_sd[name.replace(".base.", ".")]), f"{name} changed"
+    for name, tensor in lora_state_dict(model).items():
+        if name.endswith("lora_B"):  # every B, w_q's and w_k's included, has left zero
+            assert tensor.abs().max() > 1e-4, f"{name} did not learn"
+    assert not torch.equal(run(model), run(base))
+
+
+def test_scale_and_disable():
+    base, model = trained_lora()
+    full = run(model)
+    set_lora(model, enabled=True, scale=0.0)
+    assert torch.equal(run(model), run(base))
+    set_lora(model, enabled=False)
+    assert torch.equal(run(model), run(base))
+    set_lora(model, enabled=True, scale=0.5)  # a blend lies strictly between the two
+    half = run(model)
+    assert not torch.equal(half, full) and not torch.equal(half, run(base))
+    set_lora(model, enabled=True, scale=1.0)
+    assert torch.equal(run(model), full)
+
+
+def test_merge_and_unmerge():
+    base, model = trained_lora()
+    W0 = {n: m.base.weight.clone() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    unmerged = run(model)
+    merge_lora(model)
+    assert (run(model) - unmerged).abs().max() < 1e-5
+    assert not torch.equal(run(model), run(base))
+    unmerge_lora(model)
+    for n, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            assert (m.base.weight - W0[n]).abs().max() < 1e-6
+    assert (run(model) - unmerged).abs().max() < 1e-5
+
+
+def _save_adapter(tmp_path, model, base):
+    path = str(tmp_path / "lora.pt")
+    save_lora(path, model, dict(r=4, alpha=8.0, targets=["w_q", "w_k", "w_v"]), fingerprint(base), step=10)
+    return path
+
+
+def test_adapter_file_round_trip(tmp_path):
+    base, model = trained_lora()
+    path = _save_adapter(tmp_path, model, base)
+    fresh = base_model()
+    adapter = load_lora(fresh, path)
+    assert adapter["step"] == 10 and set(adapter["tensors"]) == set(lora_state_dict(model))
+    assert torch.equal(run(fresh), run(model))
+
+
+def test_adapter_file_refuses_what_does_not_fit(tmp_path):
+    base, model = trained_lora(steps=1)
+    path = _save_adapter(tmp_path, model, base)
+    with pytest.raises(UserError, match="different base model"):
+        load_lora(base_model(seed=1), path)
+    adapter = torch.load(path, weights_only=True)
+    adapter["config"]["r"] = 8  # says rank 8, holds rank-4 tensors
+    torch.save(adapter, tmp_path / "rank.pt")
+    with pytest.raises(UserError, match="shape"):
+        load_lora(base_model(), str(tmp_path / "rank.pt"))
+    adapter = torch.load(path, weights_only=True)
+    adapter["tensors"].pop(next(iter(adapter["tensors"])))
+    torch.save(adapter, tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="missing"):
+        load_lora(base_model(), str(tmp_path / "missing.pt"))
+    with pytest.raises(UserError, match="not found"):
+        load_lora(base_model(), str(tmp_path / "nope.pt"))
