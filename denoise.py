@@ -38,6 +38,28 @@ def parse_digits(text):
     return digits
 
 
+def load_sampler(ckpt, device, weights="ema", lora=None, lora_scale=1.0, merge=False):
+    """The model to sample from: a checkpoint's weights, optionally with a LoRA adapter (blended/merged)."""
+    model, diffusion, _ = load_model(ckpt, device, weights=weights)
+    model.eval()
+    if lora:
+        load_lora(model, lora, device)
+        set_lora(model, enabled=True, scale=lora_scale)
+        if merge:
+            merge_lora(model)
+    return model, diffusion
+
+
+def generate(model, diffusion, labels, steps=50, sampler="ddim", eta=None, guidance=1.0, seed=0,
+             batch_size=1000, **extra):
+    """One sample per label [N], reproducible from `seed`; bf16 autocast on CUDA."""
+    device = labels.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with autocast(device):
+        return sample_in_batches(diffusion, model, labels, batch_size, generator, steps=steps, sampler=sampler,
+                                 eta=eta, guidance=guidance, **extra)
+
+
 def parse_args(argv=None):
     p = Parser(__doc__)
     p.add_argument("--ckpt", default="checkpoints/model.pt", help="trained model checkpoint (train.py --out)")
@@ -65,6 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--compare-out", default="figure/compare_lora.png", help="PNG written by --compare")
     p.add_argument("--export", metavar="FILE.npz",
                    help="also save all samples: uint8 images [N,28,28] (0 = black) and int labels [N]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slower start)")
     p.add_argument("--max-grid", type=positive_int, default=20, help="at most this many samples per row")
     return p.parse_args(argv)
 
@@ -84,35 +107,32 @@ def main(argv=None):
         raise UserError(f"--export writes a NumPy .npz file; got {args.export}")
     device = pick_device(args.device)
 
-    model, diffusion, _ = load_model(args.ckpt, device, weights=args.weights)
-    model.eval()
+    model, diffusion = load_sampler(args.ckpt, device, args.weights)
     if not 1 <= args.steps <= diffusion.T:
         raise UserError(f"--steps must be between 1 and T = {diffusion.T}")
-    if args.lora:
-        load_lora(model, args.lora, device)
     labels = torch.tensor(digits, device=device).repeat_interleave(args.per_digit)  # [D * per_digit]
+    sampling = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance)
 
-    def draw(y=labels, **extra):
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        with autocast(device):
-            return sample_in_batches(diffusion, model, y, args.batch_size, generator, steps=args.steps,
-                                     sampler=args.sampler, eta=args.eta, guidance=args.guidance, **extra)
+    def draw(net):
+        return generate(net, diffusion, labels, seed=args.seed, batch_size=args.batch_size, **sampling)
 
     name = f"{args.sampler.upper()}-{args.steps}, guidance {args.guidance:g}"
     compare = {}
-    if args.compare:
-        set_lora(model, enabled=False)
-        compare["LoRA off"] = draw()
     if args.lora:
+        load_lora(model, args.lora, device)
+        if args.compare:  # the same seed with the adapter switched off: the difference is LoRA alone
+            set_lora(model, enabled=False)
+            compare["LoRA off"] = draw(model)
         set_lora(model, enabled=True, scale=args.lora_scale)
         if args.merge:
             merge_lora(model)
         name += f", LoRA x{args.lora_scale:g}" + (" merged" if args.merge else "")
+    net = torch.compile(model) if args.compile else model
 
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.time()
-    x = draw()  # [N, 1, 28, 28] in [-1, 1]
+    x = draw(net)  # [N, 1, 28, 28] in [-1, 1]
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - start
@@ -125,24 +145,30 @@ def main(argv=None):
     print(f"wrote {out}")
     if args.compare:
         compare["LoRA on"] = x
-        panels = {k: v.view(len(digits), args.per_digit, 28, 28)[:, :args.max_grid].cpu() for k, v in compare.items()}
+        panels = {k: to_uint8(v).view(len(digits), args.per_digit, 28, 28)[:, :args.max_grid].cpu()
+                  for k, v in compare.items()}
         save_grid(args.compare_out, panels, row_labels, title=f"same seed, {name}")
         print(f"wrote {args.compare_out}")
     if process:
-        y = torch.tensor(digits, device=device)
-        x_T = torch.randn(len(y), 1, 28, 28, device=device, generator=torch.Generator(device).manual_seed(args.seed))
-        with autocast(device):
-            _, frames = diffusion.sample(model, y, steps=args.steps, sampler=args.sampler, eta=args.eta,
-                                         guidance=args.guidance, frames=9, x_T=x_T.clone(),
-                                         generator=torch.Generator(device).manual_seed(args.seed + 1))
-        strip = torch.stack([x_T] + [x_t for _, x_t in frames], 1).cpu()  # [D, 1 + frames, 1, 28, 28]
-        cols = [f"t={diffusion.T - 1}"] + [f"t={t}" if t >= 0 else "x_0" for t, _ in frames]
-        save_grid(process, {"": strip}, row_labels, cols, title=f"reverse process ({name})")
+        save_process(process, model, diffusion, digits, args.seed, name, **sampling)
         print(f"wrote {process}")
     if args.export:
         np.savez_compressed(args.export, images=images.numpy(), labels=labels.cpu().numpy())
         print(f"wrote {len(images):,} samples to {args.export}")
     return dict(seconds=seconds, images=images, labels=labels.cpu())
+
+
+def save_process(path, model, diffusion, digits, seed, name, **sampling):
+    """One chain per digit: x_T, then nine snapshots down to x_0, from the same starting noise x_T."""
+    device = next(model.parameters()).device
+    y = torch.tensor(digits, device=device)
+    x_T = torch.randn(len(y), 1, 28, 28, device=device, generator=torch.Generator(device).manual_seed(seed))
+    with autocast(device):
+        _, frames = diffusion.sample(model, y, frames=9, x_T=x_T.clone(),
+                                     generator=torch.Generator(device).manual_seed(seed + 1), **sampling)
+    strip = torch.stack([x_T] + [x_t for _, x_t in frames], 1).cpu()  # [D, 10, 1, 28, 28]
+    cols = [f"t={diffusion.T - 1}"] + [f"t={t}" if t >= 0 else "x_0" for t, _ in frames]
+    save_grid(path, {"": strip}, [str(d) for d in digits], cols, title=f"reverse process ({name})")
 
 
 if __name__ == "__main__":

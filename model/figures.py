@@ -34,7 +34,7 @@ def save_grid(path, panels, row_labels, col_labels=None, title=None):
     fig, axes = plt.subplots(1, len(panels), squeeze=False,
                              figsize=(len(panels) * (C * cell + 0.5) + 0.3, R * cell + 0.9))
     for ax, (name, images) in zip(axes[0], panels.items()):
-        ax.imshow(_mosaic(images), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.imshow(_mosaic(images).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         step = images.shape[2] + 2
         ax.set_yticks([step * (i + 0.5) for i in range(R)], row_labels)
         if col_labels:

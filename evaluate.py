@@ -1,0 +1,142 @@
+"""Chapter 4: put numbers on the samples -- class accuracy and FID in an MNIST classifier's features.
+
+    python evaluate.py --ckpt checkpoints/model.pt                    # sample 1,000 per digit, then score
+    python evaluate.py --ckpt checkpoints/model.pt --lora checkpoints/lora.pt --guidance 3
+    python evaluate.py --samples samples.npz                          # score denoise.py --export output
+
+The classifier is trained once (a few seconds on a GPU, several minutes on a CPU) and cached at
+--classifier. Metrics are explained in model/metrics.py. The "real-data floor" is the FID of as many real
+training images as there are samples, against the test set: the best a perfect generator could score.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from denoise import generate, load_sampler, parse_digits
+from model.checkpoint import load_file, save_file
+from model.cli import Parser, UserError, pick_device, positive_int, run_cli, seed_everything
+from model.data import load_mnist
+from model.metrics import Classifier, classify, frechet_distance, score, train_classifier
+
+CLASSIFIER_KIND = "mnist-classifier"
+
+
+def get_classifier(path, data_dir, device, epochs=4):
+    """Load the cached classifier, or train it on MNIST train and cache it. Returns (model, test accuracy)."""
+    if os.path.exists(path):
+        ckpt = load_file(path, CLASSIFIER_KIND, device)
+        model = Classifier().to(device)
+        model.load_state_dict(ckpt["model"])
+        return model.eval(), ckpt["test_accuracy"]
+    images, labels = load_mnist(data_dir, train=True, device=device)
+    model = train_classifier(images, labels, epochs=epochs)
+    test_images, test_labels = load_mnist(data_dir, train=False, device=device)
+    accuracy = float((classify(model, test_images)[0] == test_labels).float().mean())
+    save_file(dict(kind=CLASSIFIER_KIND, model=model.state_dict(), test_accuracy=accuracy), path)
+    print(f"trained the classifier: {100 * accuracy:.2f}% on MNIST test; cached at {path}")
+    return model, accuracy
+
+
+class Judge:
+    """The classifier plus the test set's features and the real-data floor, computed once per sample size."""
+
+    def __init__(self, classifier_path, data_dir, device):
+        self.classifier, self.test_accuracy = get_classifier(classifier_path, data_dir, device)
+        self.train_images, _ = load_mnist(data_dir, train=True, device=device)
+        test_images, _ = load_mnist(data_dir, train=False, device=device)
+        self.test_features = classify(self.classifier, test_images)[1]
+        self._floors = {}
+
+    def floor(self, n):
+        """FID of n random real training images against the test set."""
+        if n not in self._floors:
+            n_real = min(n, len(self.train_images))
+            pick = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(0))[:n_real]
+            feats = classify(self.classifier, self.train_images[pick.to(self.train_images.device)])[1]
+            self._floors[n] = frechet_distance(feats, self.test_features)
+        return self._floors[n]
+
+    def __call__(self, images, labels):
+        """Scores samples [N,1,28,28] in [-1,1] with labels [N]; adds the floor for N samples."""
+        result = score(self.classifier, images, labels, self.test_features)
+        result["fid_floor"] = self.floor(len(images))
+        return result
+
+
+def format_report(result, title):
+    per = result["per_digit"]
+    lines = [title,
+             "| digit | " + " | ".join(str(d) for d in per) + " | all |",
+             "|---" * (len(per) + 2) + "|",
+             "| accuracy % | " + " | ".join(f"{100 * a:.1f}" for a in per.values())
+             + f" | **{100 * result['accuracy']:.2f}** |",
+             f"FID (classifier features): {result['fid']:.3f}   real-data floor: {result['fid_floor']:.3f}   "
+             f"ratio: {result['fid'] / max(result['fid_floor'], 1e-12):.2f}x   ({result['n']:,} samples)"]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = Parser(__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", metavar="FILE.npz", help="samples written by denoise.py --export")
+    src.add_argument("--ckpt", help="model checkpoint to sample from (train.py --out)")
+    p.add_argument("--lora", help="with --ckpt: a LoRA adapter to sample with")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="blend the adapter: 0 = base, 1 = full")
+    p.add_argument("--per-digit", type=positive_int, default=1000, help="with --ckpt: samples per digit")
+    p.add_argument("--digits", default="0-9", help="with --ckpt: which digits")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="with --ckpt: reverse process")
+    p.add_argument("--steps", type=positive_int, default=50, help="with --ckpt: denoising steps")
+    p.add_argument("--eta", type=float, help="with --ckpt: DDIM noise (default 0)")
+    p.add_argument("--guidance", type=float, default=2.0, help="with --ckpt: classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--batch-size", type=positive_int, default=1000, help="images sampled at once")
+    p.add_argument("--classifier", default="checkpoints/classifier.pt", help="cached classifier (trained if absent)")
+    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (torchvision's layout)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    return p.parse_args(argv)
+
+
+def load_samples(path, device):
+    """An .npz from denoise.py --export -> (images [N,1,28,28] in [-1,1], labels [N])."""
+    if not os.path.isfile(path):
+        raise UserError(f"samples not found: {path}")
+    try:
+        data = np.load(path)
+        images, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]).long()
+    except Exception as e:
+        raise UserError(f"cannot read {path} as denoise.py --export output ({type(e).__name__}: {e})")
+    if images.dtype != torch.uint8 or images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise UserError(f"{path}: expected uint8 images [N,28,28] and labels [N]")
+    return images.to(device).unsqueeze(1).float() / 127.5 - 1, labels.to(device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    if args.samples:
+        images, labels = load_samples(args.samples, device)
+        title = f"{len(images):,} samples from {args.samples}"
+    else:
+        model, diffusion = load_sampler(args.ckpt, device, lora=args.lora, lora_scale=args.lora_scale)
+        labels = torch.tensor(parse_digits(args.digits), device=device).repeat_interleave(args.per_digit)
+        images = generate(model, diffusion, labels, args.steps, args.sampler, args.eta, args.guidance, args.seed,
+                          args.batch_size)
+        title = (f"{len(images):,} samples from {args.ckpt}{' + ' + args.lora if args.lora else ''} "
+                 f"({args.sampler.upper()}-{args.steps}, guidance {args.guidance:g})")
+    judge = Judge(args.classifier, args.data_dir, device)
+    result = judge(images, labels)
+    result["classifier_test_accuracy"] = judge.test_accuracy
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"classifier: {100 * judge.test_accuracy:.2f}% on MNIST test")
+        print(format_report(result, title))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,143 @@
+"""The three scripts end to end on a tiny synthetic data set, and their one-line errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import denoise
+import lora_finetune
+import train
+from model.checkpoint import load_model
+from model import trainer
+from model.diffusion import Diffusion
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--channels", "16,32,32", "--batch-size", "16", "--device", "cpu"]
+
+
+def _train(data_dir, tmp_path, *extra):
+    out = str(tmp_path / "model.pt")
+    train.main(["--data-dir", data_dir, "--out", out, "--figures", str(tmp_path / "fig"), *TINY, *extra])
+    return out
+
+
+def test_train_writes_checkpoint_and_figures_and_resumes(data_dir, tmp_path):
+    out = _train(data_dir, tmp_path, "--max-steps", "3")
+    _, _, ckpt = load_model(out)
+    assert ckpt["step"] == 3 and len(ckpt["losses"]) == 3 and ckpt["config"]["channels"] == (16, 32, 32)
+    assert {"loss.png", "forward_noising.png"} <= set(os.listdir(tmp_path / "fig"))
+    _train(data_dir, tmp_path, "--max-steps", "6", "--resume")  # 64 images / 16 = 4 steps an epoch
+    _, _, ckpt = load_model(out)
+    assert ckpt["step"] == 6 and len(ckpt["losses"]) == 6
+
+
+def test_resume_sees_the_same_batches_as_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    seen = []
+    real_batches = trainer.batches
+
+    def spy(*args, **kwargs):
+        for x_0, y in real_batches(*args, **kwargs):
+            seen.append(y.tolist())
+            yield x_0, y
+
+    monkeypatch.setattr(trainer, "batches", spy)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _train(data_dir, tmp_path / "a", "--max-steps", "7")  # 4 steps an epoch: resume mid-epoch
+    whole, seen[:] = list(seen), []
+    _train(data_dir, tmp_path / "b", "--max-steps", "3")
+    _train(data_dir, tmp_path / "b", "--max-steps", "7", "--resume")
+    assert seen == whole and len(whole) == 7
+
+
+def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = Diffusion.loss
+
+    def loss_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(Diffusion, "loss", loss_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _train(data_dir, tmp_path, "--max-steps", "8")
+    _, _, ckpt = load_model(str(tmp_path / "model.pt"))
+    assert ckpt["step"] == 2 and len(ckpt["losses"]) == 2
+
+
+def test_denoise_export_grid_and_process(data_dir, tmp_path):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "2")
+    npz, out, process = (str(tmp_path / n) for n in ("s.npz", "s.png", "p.png"))
+    denoise.main(["--ckpt", ckpt, "--steps", "4", "--per-digit", "3", "--digits", "1,4-5", "--export", npz,
+                  "--out", out, "--process", process, "--device", "cpu", "--guidance", "2"])
+    data = np.load(npz)
+    assert data["images"].shape == (9, 28, 28) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [1, 1, 1, 4, 4, 4, 5, 5, 5]
+    assert os.path.getsize(out) > 1000 and os.path.getsize(process) > 1000
+    # same seed, same digits; DDPM works with fewer steps too
+    again = denoise.main(["--ckpt", ckpt, "--steps", "4", "--per-digit", "3", "--digits", "1,4-5", "--out", out,
+                          "--process", "", "--device", "cpu", "--guidance", "2"])
+    assert torch.equal(again["images"], torch.from_numpy(data["images"]))
+    denoise.main(["--ckpt", ckpt, "--sampler", "ddpm", "--steps", "5", "--per-digit", "1", "--out", out,
+                  "--process", "", "--device", "cpu"])
+
+
+def test_lora_finetune_then_compare(data_dir, tmp_path):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "2")
+    adapter = str(tmp_path / "lora.pt")
+    info = lora_finetune.main(["--base", ckpt, "--out", adapter, "--data-dir", data_dir, "--max-steps", "3",
+                               "--batch-size", "16", "--rank", "2", "--device", "cpu",
+                               "--figures", str(tmp_path / "fig")])
+    assert info["lora_bytes"] < info["base_bytes"] / 10 and info["trainable"] / info["total"] < 0.05
+    info = lora_finetune.main(["--base", ckpt, "--out", adapter, "--data-dir", data_dir, "--max-steps", "5",
+                               "--batch-size", "16", "--device", "cpu", "--resume",
+                               "--figures", str(tmp_path / "fig")])
+    assert torch.load(adapter, weights_only=True)["step"] == 5
+    compare = str(tmp_path / "compare.png")
+    common = ["--ckpt", ckpt, "--lora", adapter, "--steps", "3", "--per-digit", "2", "--device", "cpu",
+              "--process", ""]
+    plain = denoise.main(common + ["--out", str(tmp_path / "l.png"), "--compare", "--compare-out", compare])
+    merged = denoise.main(common + ["--out", str(tmp_path / "m.png"), "--merge"])
+    assert os.path.getsize(compare) > 1000
+    assert (plain["images"].int() - merged["images"].int()).abs().max() <= 1  # uint8 rounding at most
+
+
+def _cli(*args):
+    """Run a script as a user would; return (exit code, stderr)."""
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr.strip()
+
+
+def _one_line_error(code_err, match):
+    code, err = code_err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert match in err, err
+
+
+def test_bad_inputs_are_one_line_errors(data_dir, tmp_path):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    _one_line_error(_cli("denoise.py", "--ckpt", str(tmp_path / "nope.pt")), "checkpoint not found")
+    _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--digits", "3,12"), "0-9")
+    _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--per-digit", "0"), "positive integer")
+    _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--out", "/proc/no/such/dir/x.png"), "cannot write")
+    _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--lora", ckpt), "not a lora-adapter file")
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    _one_line_error(_cli("denoise.py", "--ckpt", str(tmp_path / "junk.pt")), "not a valid checkpoint")
+    _one_line_error(_cli("train.py", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.pt")),
+                    "MNIST not found")
+    _one_line_error(_cli("lora_finetune.py", "--base", str(tmp_path / "nope.pt")), "checkpoint not found")
+
+
+def test_corrupt_data_is_a_one_line_error(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / (name + ".gz")).write_bytes(b"this is not gzip")
+    _one_line_error(_cli("train.py", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x.pt")), "corrupt")
