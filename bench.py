@@ -90,7 +90,7 @@ def main(argv=None):
     labels = torch.arange(10, device=device).repeat_interleave(args.per_digit)
     report["fid_floor"] = judge.floor(len(labels))
     model, diffusion = load_sampler(args.ckpt, device)
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model, dynamic=False) if args.compile else model
     report["params"] = sum(p.numel() for p in model.parameters())
 
     def run(name, net=net, **sampling):

@@ -127,7 +127,7 @@ def main(argv=None):
         if args.merge:
             merge_lora(model)
         name += f", LoRA x{args.lora_scale:g}" + (" merged" if args.merge else "")
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model, dynamic=False) if args.compile else model
 
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_int, default=3, help="passes over the training images")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps in all")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the adapter (AdamW)")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per optimizer step")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="images per optimizer step")
     p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the adapter's moving average")
     p.add_argument("--p-uncond", type=float, default=0.1, help="null-label probability, as in training")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")

@@ -25,8 +25,8 @@ def parse_args(argv=None):
     p = Parser(__doc__)
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (torchvision's layout)")
     p.add_argument("--out", default="checkpoints/model.pt", help="checkpoint to write (and to --resume)")
-    p.add_argument("--epochs", type=positive_int, default=15, help="passes over the 60,000 training images")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per optimizer step")
+    p.add_argument("--epochs", type=positive_int, default=12, help="passes over the 60,000 training images")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW; warm-up, then cosine)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps in all")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
@@ -97,7 +97,7 @@ def main(argv=None):
         save_model(args.out, model, ema, diffusion, optimizer, at_step, at_losses,
                    seconds + time.time() - start, vars(args))
 
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, dynamic=False) if args.compile else model
     losses = fit(model, diffusion, images, labels, optimizer, ema, total_steps=total_steps,
                  batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, seed=args.seed,
                  start_step=step, losses=losses, save=save, forward=forward)
