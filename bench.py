@@ -26,7 +26,7 @@ from model.cli import Parser, autocast, pick_device, positive_int, run_cli  # no
 from model.figures import save_grid  # noqa: E402
 from model.lora import merge_lora, parameter_report  # noqa: E402
 
-SAMPLERS = [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10)]
+SAMPLERS = "ddim-50,ddim-20,ddim-10,ddim-100,ddpm-1000"
 GUIDANCE = [1.0, 1.5, 2.0, 3.0, 5.0]
 
 
@@ -39,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the sampler rows")
     p.add_argument("--batch-size", type=positive_int, default=10000, help="images sampled at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet for sampling")
-    p.add_argument("--samplers", default=",".join(f"{s}-{n}" for s, n in SAMPLERS),
-                   help="sampler rows, e.g. ddpm-1000,ddim-50")
+    p.add_argument("--samplers", default=SAMPLERS,
+                   help="sampler rows, e.g. ddim-50,ddpm-1000; '@N' sets N samples per digit for one row")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/")
     p.add_argument("--classifier", default="checkpoints/classifier.pt", help="cached evaluation classifier")
@@ -76,6 +76,14 @@ def main(argv=None):
     report = dict(hardware=hardware, torch=torch.__version__)
     print(f"benchmark on {hardware}, PyTorch {torch.__version__}")
 
+    def write():
+        """Rewrite the report after every section, so that a long run that is stopped keeps what it has."""
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(to_markdown(report, args))
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(report, f, indent=1, default=float)
+
     if not args.skip_train:
         start = time.time()
         info = train.main(["--out", args.ckpt, "--figures", args.figures, *args.train_args.split()])
@@ -83,82 +91,81 @@ def main(argv=None):
         start = time.time()
         info = lora_finetune.main(["--base", args.ckpt, "--out", args.lora, "--figures", args.figures])
         report["lora_train"] = dict(info, wall=time.time() - start)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:  # keep the training numbers early
+            json.dump(report, f, indent=1, default=float)
 
     start = time.time()
     judge = Judge(args.classifier, args.data_dir, device)
     report["classifier"] = dict(test_accuracy=judge.test_accuracy, seconds=time.time() - start)
-    labels = torch.arange(10, device=device).repeat_interleave(args.per_digit)
-    report["fid_floor"] = judge.floor(len(labels))
+    report["fid_floor"] = judge.floor(10 * args.per_digit)
     model, diffusion = load_sampler(args.ckpt, device)
     net = torch.compile(model, dynamic=False) if args.compile else model
     report["params"] = sum(p.numel() for p in model.parameters())
 
-    def run(name, net=net, **sampling):
+    def run(name, net=net, per_digit=args.per_digit, **sampling):
+        labels = torch.arange(10, device=device).repeat_interleave(per_digit)
         images, seconds = timed_generate(net, diffusion, labels, device, args.batch_size, **sampling)
         row = dict(name=name, seconds=seconds, **judge(images, labels), **sampling)
         print(f"{name}: {seconds:.2f} s for {len(labels):,} digits, accuracy {100 * row['accuracy']:.2f}%, "
               f"FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})")
         return row, images
 
-    rows, grids = [], {}
-    for spec in args.samplers.split(","):
-        sampler, steps = spec.split("-")
-        row, images = run(f"{sampler.upper()}-{steps}", sampler=sampler, steps=int(steps), guidance=args.guidance)
-        rows.append(row)
-    report["samplers"] = rows
-
-    rows = []
+    os.makedirs(args.figures, exist_ok=True)
+    report["guidance"], grids = [], {}
     for s in GUIDANCE:
         row, images = run(f"DDIM-50, s={s:g}", sampler="ddim", steps=50, guidance=s)
-        rows.append(row)
+        report["guidance"].append(row)
         grids[f"s={s:g}"] = images.view(10, args.per_digit, 28, 28)[:, 0]  # the first sample of each digit
-    report["guidance"] = rows
+    save_grid(os.path.join(args.figures, "guidance.png"), {"": torch.stack(list(grids.values()))}, list(grids),
+              [str(d) for d in range(10)], title="guidance scale s (DDIM-50, same seed)")
+    write()
 
     lora_model, _ = load_sampler(args.ckpt, device, lora=args.lora)
     trainable = sum(p.numel() for n, p in lora_model.named_parameters() if n.endswith(("lora_A", "lora_B")))
+    base_row, _ = run("base", sampler="ddim", steps=50, guidance=args.guidance)
     lora_row, _ = run("LoRA unmerged", net=lora_model, sampler="ddim", steps=50, guidance=args.guidance)
     merge_lora(lora_model)
     merged_row, _ = run("LoRA merged", net=lora_model, sampler="ddim", steps=50, guidance=args.guidance)
-    base_row, _ = run("base (again)", sampler="ddim", steps=50, guidance=args.guidance)
     report["lora"] = dict(adapter_params=trainable, base_params=report["params"],
                           adapter_bytes=os.path.getsize(args.lora), base_bytes=os.path.getsize(args.ckpt),
                           adapter_weight_bytes=4 * trainable, base_weight_bytes=4 * report["params"],
                           rows=[base_row, lora_row, merged_row])
+    write()
 
-    os.makedirs(args.figures, exist_ok=True)
-    save_grid(os.path.join(args.figures, "guidance.png"),
-              {"": torch.stack([g for g in grids.values()])}, list(grids),
-              [str(d) for d in range(10)], title="guidance scale s (DDIM-50, same seed)")
-    save_steps_plot(os.path.join(args.figures, "steps.png"), report["samplers"], report["fid_floor"])
-    markdown = to_markdown(report, args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(markdown)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    print(markdown)
+    report["samplers"] = []
+    for spec in args.samplers.split(","):  # e.g. "ddim-50" or "ddpm-1000@100" (100 per digit)
+        spec, _, per_digit = spec.partition("@")
+        sampler, steps = spec.split("-")
+        row, _ = run(f"{sampler.upper()}-{steps}", per_digit=int(per_digit or args.per_digit), sampler=sampler,
+                     steps=int(steps), guidance=args.guidance)
+        report["samplers"].append(row)
+        save_steps_plot(os.path.join(args.figures, "steps.png"), report["samplers"])
+        write()
+    print(to_markdown(report, args))
 
 
-def save_steps_plot(path, rows, floor):
+def save_steps_plot(path, rows):
+    """Class accuracy and FID / floor against the number of sampling steps."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     for sampler, marker in (("ddim", "o-"), ("ddpm", "s")):
         pts = sorted((r["steps"], r) for r in rows if r["sampler"] == sampler)
         if pts:
             a1.plot([s for s, _ in pts], [100 * r["accuracy"] for _, r in pts], marker, label=sampler.upper())
-            a2.plot([s for s, _ in pts], [r["fid"] for _, r in pts], marker, label=sampler.upper())
-    a2.axhline(floor, color="grey", linestyle="--", label="real-data floor")
-    for ax, name in ((a1, "class accuracy (%)"), (a2, "FID (classifier features)")):
+            a2.plot([s for s, _ in pts], [r["fid"] / r["fid_floor"] for _, r in pts], marker, label=sampler.upper())
+    a2.axhline(1.0, color="grey", linestyle="--", label="real data")
+    for ax, name in ((a1, "class accuracy (%)"), (a2, "FID / real-data floor")):
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(name)
         ax.legend()
-    fig.suptitle("quality vs sampling steps (10,000 digits each)")
+    fig.suptitle(f"quality vs sampling steps (guidance {rows[0]['guidance']:g})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def to_markdown(r, args):
+    """The report as markdown; sections that have not been measured yet are left out."""
     n = 10 * args.per_digit
     out = [f"# Benchmark\n\nMeasured in one run of `python bench.py` on {r['hardware']}, PyTorch {r['torch']}.",
            f"Evaluation classifier: {100 * r['classifier']['test_accuracy']:.2f}% on MNIST test. "
@@ -169,24 +176,25 @@ def to_markdown(r, args):
                 f"| base UNet ({r['params']:,} parameters) | {t['wall']:.1f} s | {t['seconds']:.1f} s | {t['steps']:,} "
                 f"| {t['images_per_s']:,.0f} |",
                 f"| LoRA adapter | {lt['wall']:.1f} s | {lt['seconds']:.1f} s | | |", ""]
-    bf16 = ", bf16" if r["hardware"].startswith("one") else ""
-    out += [f"## Samplers ({n:,} digits each, guidance {args.guidance:g}, batch {args.batch_size:,}{bf16})\n",
-            "| sampler | time | digits/s | class accuracy | FID | FID / floor |", "|---|---|---|---|---|---|"]
-    fmt = lambda row: (f"| {row['name']} | {row['seconds']:.2f} s | {n / row['seconds']:,.0f} | "
-                       f"{100 * row['accuracy']:.2f}% | {row['fid']:.3f} | {row['fid'] / r['fid_floor']:.2f}x |")
-    out += [fmt(row) for row in r["samplers"]]
-    out += ["", "## Guidance sweep (DDIM-50)\n", "| guidance s | time | digits/s | class accuracy | FID | FID / floor |",
-            "|---|---|---|---|---|---|"] + [fmt(row) for row in r["guidance"]]
-    lo = r["lora"]
-    out += ["", "## LoRA\n", "| | parameters | weights | file on disk |", "|---|---|---|---|",
-            f"| base UNet | {lo['base_params']:,} | {lo['base_weight_bytes'] / 2**20:.2f} MiB | "
-            f"{lo['base_bytes'] / 2**20:.2f} MiB (with EMA and optimizer state) |",
-            f"| LoRA adapter | {lo['adapter_params']:,} ({100 * lo['adapter_params'] / lo['base_params']:.2f}%) | "
-            f"{lo['adapter_weight_bytes'] / 1024:.0f} KiB | {lo['adapter_bytes'] / 1024:.0f} KiB (with resume state) |",
-            "", f"Sampling {n:,} digits, DDIM-50, guidance {args.guidance:g}:\n",
-            "| model | time | class accuracy | FID |", "|---|---|---|---|"]
-    out += [f"| {row['name']} | {row['seconds']:.2f} s | {100 * row['accuracy']:.2f}% | {row['fid']:.3f} |"
-            for row in lo["rows"]]
+    bf16 = ", bf16 autocast" if r["hardware"].startswith("one") else ""
+    head = ["| {} | digits | time | digits/s | class accuracy | FID | FID / floor |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda row: (f"| {row['name']} | {row['n']:,} | {row['seconds']:.2f} s | {row['n'] / row['seconds']:,.0f} | "
+                       f"{100 * row['accuracy']:.2f}% | {row['fid']:.3f} | {row['fid'] / row['fid_floor']:.2f}x |")
+    if r.get("samplers"):
+        out += [f"## Samplers (guidance {args.guidance:g}, batch {args.batch_size:,}{bf16})\n",
+                head[0].format("sampler"), head[1]] + [fmt(row) for row in r["samplers"]] + [""]
+    if r.get("guidance"):
+        out += [f"## Guidance sweep (DDIM-50{bf16})\n", head[0].format("guidance s"), head[1]]
+        out += [fmt(row) for row in r["guidance"]] + [""]
+    if "lora" in r:
+        lo = r["lora"]
+        out += ["## LoRA\n", "| | parameters | weights (fp32) | file on disk |", "|---|---|---|---|",
+                f"| base UNet | {lo['base_params']:,} | {lo['base_weight_bytes'] / 2**20:.2f} MiB | "
+                f"{lo['base_bytes'] / 2**20:.2f} MiB (weights, EMA weights, optimizer state) |",
+                f"| LoRA adapter | {lo['adapter_params']:,} ({100 * lo['adapter_params'] / lo['base_params']:.2f}%) | "
+                f"{lo['adapter_weight_bytes'] / 1024:.0f} KiB | {lo['adapter_bytes'] / 1024:.0f} KiB (with resume state) |",
+                "", f"Sampling with DDIM-50, guidance {args.guidance:g}:\n", head[0].format("model"), head[1]]
+        out += [fmt(row) for row in lo["rows"]]
     return "\n".join(out) + "\n"
 
 
