@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--lora", default="checkpoints/lora.pt", help="adapter file (trained unless --skip-train)")
     p.add_argument("--skip-train", action="store_true", help="measure existing checkpoints only")
     p.add_argument("--per-digit", type=positive_int, default=1000, help="samples per digit for every row")
-    p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the sampler rows")
+    p.add_argument("--guidance", type=float, default=1.5, help="guidance scale of the sampler rows")
     p.add_argument("--batch-size", type=positive_int, default=10000, help="images sampled at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet for sampling")
     p.add_argument("--samplers", default=SAMPLERS,

@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="reverse process")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (at most T, e.g. 1000)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
-    p.add_argument("--guidance", type=float, default=2.0,
+    p.add_argument("--guidance", type=float, default=1.5,
                    help="classifier-free guidance scale s (1 = plain conditional, >1 = stronger)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="the averaged (default) or the last training weights")

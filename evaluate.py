@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="with --ckpt: reverse process")
     p.add_argument("--steps", type=positive_int, default=50, help="with --ckpt: denoising steps")
     p.add_argument("--eta", type=float, help="with --ckpt: DDIM noise (default 0)")
-    p.add_argument("--guidance", type=float, default=2.0, help="with --ckpt: classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=1.5, help="with --ckpt: classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--batch-size", type=positive_int, default=1000, help="images sampled at once")
     p.add_argument("--classifier", default="checkpoints/classifier.pt", help="cached classifier (trained if absent)")
