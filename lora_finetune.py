@@ -19,7 +19,7 @@ from model.data import load_mnist
 from model.ema import EMA
 from model.figures import save_loss_curve
 from model.lora import inject_lora, load_lora, lora_state_dict, parameter_report, save_lora
-from model.trainer import fit
+from model.trainer import fit, plan_steps
 
 
 def parse_args(argv=None):
@@ -80,12 +80,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(adapter_params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    steps_per_epoch = len(images) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the data set ({len(images)} images)")
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = plan_steps(len(images), args.batch_size, args.epochs, args.max_steps)
 
     start = time.time()
 

@@ -17,7 +17,7 @@ from model.data import load_mnist
 from model.diffusion import Diffusion
 from model.ema import EMA
 from model.figures import save_grid, save_loss_curve
-from model.trainer import fit
+from model.trainer import fit, plan_steps
 from model.unet import DEFAULT_CONFIG, UNet
 
 
@@ -82,12 +82,7 @@ def main(argv=None):
         ema.model.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
 
-    steps_per_epoch = len(images) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the data set ({len(images)} images)")
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = plan_steps(len(images), args.batch_size, args.epochs, args.max_steps)
 
     save_forward_noising(diffusion, images, labels, os.path.join(args.figures, "forward_noising.png"))
 

@@ -18,7 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from .cli import autocast
+from .cli import UserError, autocast
 from .data import batches
 
 
@@ -28,6 +28,15 @@ def lr_at(step, lr, warmup, total):
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def plan_steps(n_images, batch_size, epochs, max_steps=None):
+    """Total optimizer steps: `epochs` passes of whole batches, capped at `max_steps`."""
+    steps_per_epoch = n_images // batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {batch_size} is larger than the data set ({n_images} images)")
+    total = epochs * steps_per_epoch
+    return min(total, max_steps) if max_steps else total
 
 
 def fit(model, diffusion, images, labels, optimizer, ema, *, total_steps, batch_size, lr, warmup=200,

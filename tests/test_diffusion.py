@@ -121,7 +121,7 @@ def test_label_dropout_uses_the_null_label(tiny_model):
 
     def spy(x_t, t, y):
         seen.append(y.clone())
-        return tiny_model(x_t, t, y)
+        return torch.zeros_like(x_t)  # only the labels matter here
 
     spy.config = tiny_model.config
     d = Diffusion(T=10)
