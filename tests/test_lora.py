@@ -24,14 +24,16 @@ def run(model):
         return model(X, T, Y)
 
 
-def base_model(seed=0):
+def base_model(seed=0, frozen=False):
+    """The tiny UNet; `frozen` like the base weights inside a LoraLayer, so that both run the same CPU
+    kernels (some builds pick a different matmul path for weights that need no gradient)."""
     torch.manual_seed(seed)
-    return UNet(**TINY)
+    return UNet(**TINY).requires_grad_(not frozen)
 
 
 def trained_lora(steps=10, lr=1e-2):
     """A base model and a copy with a LoRA adapter trained for a few steps (all in fp32, CPU)."""
-    base = base_model()
+    base = base_model(frozen=True)
     model = base_model()
     inject_lora(model, r=4, alpha=8)
     d = Diffusion(T=100)
@@ -61,7 +63,7 @@ def test_layer_formula_and_init():
 
 
 def test_injection_is_bit_identical_at_init_and_freezes_the_base():
-    base, model = base_model(), base_model()
+    base, model = base_model(frozen=True), base_model()
     layers = inject_lora(model, r=4, alpha=4)
     assert len(layers) == 15  # w_q, w_k, w_v in each of the 5 attention blocks
     assert all(torch.equal(l.lora_B, torch.zeros_like(l.lora_B)) for l in layers)
