@@ -7,7 +7,10 @@ Read the package as a tutorial, one chapter per file:
     attention.py   cross-attention from pixels to the digit label
     diffusion.py   the noise schedule, the training loss and the samplers (DDPM, DDIM, guidance)
     ema.py         an exponential moving average of the weights
+    trainer.py     the training loop shared by train.py and lora_finetune.py
     lora.py        low-rank adaptation of the attention projections
     checkpoint.py  saving and loading models and adapters
-    cli.py         what the three scripts share: devices, seeds and one-line errors
+    metrics.py     class accuracy and FID, for evaluate.py and bench.py
+    figures.py     digit grids and loss curves
+    cli.py         what the scripts share: devices, seeds and one-line errors
 """

@@ -45,7 +45,8 @@ def save_file(obj, path):
 def load_file(path, kind, device="cpu"):
     """torch.load with weights_only=True, checking that the file is a `kind` file; one-line errors."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
+        hint = {MODEL_KIND: " (train.py writes one)", "lora-adapter": " (lora_finetune.py writes one)"}
+        raise UserError(f"checkpoint not found: {path}{hint.get(kind, '')}")
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:

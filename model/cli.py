@@ -16,11 +16,20 @@ class UserError(Exception):
     """An error caused by the user's input; printed as one line, never as a traceback."""
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the script's docstring as written and shows each flag's default (where it has one)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (`error: ...`) rather than the usage block plus a line."""
 
     def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=doc, formatter_class=_HelpFormatter)
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)

@@ -141,3 +141,16 @@ def test_corrupt_data_is_a_one_line_error(tmp_path):
                  "t10k-labels-idx1-ubyte"):
         (raw / (name + ".gz")).write_bytes(b"this is not gzip")
     _one_line_error(_cli("train.py", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x.pt")), "corrupt")
+
+
+@pytest.mark.parametrize("script", ["train", "lora_finetune", "denoise", "evaluate", "bench"])
+def test_help_explains_every_flag(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    parser_flags = [line.split()[0] for line in text.splitlines() if line.strip().startswith("--")]
+    assert len(parser_flags) >= 5
+    for line in text.split("options:")[1].split("\n  -")[1:]:
+        assert len(line.split()) > 2, f"flag without an explanation: {line.strip()}"
