@@ -22,9 +22,9 @@ import lora_finetune  # noqa: E402
 import train  # noqa: E402
 from denoise import generate, load_sampler  # noqa: E402
 from evaluate import Judge  # noqa: E402
-from model.cli import Parser, autocast, pick_device, positive_int, run_cli  # noqa: E402
+from model.cli import Parser, pick_device, positive_int, run_cli  # noqa: E402
 from model.figures import save_grid  # noqa: E402
-from model.lora import merge_lora, parameter_report  # noqa: E402
+from model.lora import merge_lora  # noqa: E402
 
 SAMPLERS = "ddim-50,ddim-20,ddim-10,ddim-100,ddpm-1000"
 GUIDANCE = [1.0, 1.5, 2.0, 3.0, 5.0]

@@ -9,7 +9,6 @@ Samplers: DDIM (default; deterministic with --eta 0, 50 steps) or DDPM (ancestra
 original chain). Guidance follows diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain
 conditional sampling, s > 1 trades diversity for fidelity to the label.
 """
-import os
 import time
 
 import numpy as np
@@ -103,6 +102,8 @@ def main(argv=None):
     for path in [out, process, args.export, args.compare and args.compare_out]:
         if path:
             check_writable(path)
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {args.eta}")
     if args.export and not args.export.endswith(".npz"):
         raise UserError(f"--export writes a NumPy .npz file; got {args.export}")
     device = pick_device(args.device)

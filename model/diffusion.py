@@ -134,7 +134,9 @@ class Diffusion:
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             eps = guided_eps(model, x, torch.full_like(y, t), y, guidance)
-            noise = torch.randn(x.shape, device=device, generator=generator) if t_prev >= 0 else 0.0
+            # Fresh noise only where the step uses it (not DDIM with eta = 0, not the last step).
+            stochastic = t_prev >= 0 and (sampler == "ddpm" or eta > 0)
+            noise = torch.randn(x.shape, device=device, generator=generator) if stochastic else 0.0
             if sampler == "ddpm":
                 x = self.ddpm_step(x, t, t_prev, eps, noise)
             else:

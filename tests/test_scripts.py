@@ -83,8 +83,9 @@ def test_denoise_export_grid_and_process(data_dir, tmp_path):
     again = denoise.main(["--ckpt", ckpt, "--steps", "4", "--per-digit", "3", "--digits", "1,4-5", "--out", out,
                           "--process", "", "--device", "cpu", "--guidance", "2"])
     assert torch.equal(again["images"], torch.from_numpy(data["images"]))
-    denoise.main(["--ckpt", ckpt, "--sampler", "ddpm", "--steps", "5", "--per-digit", "1", "--out", out,
-                  "--process", "", "--device", "cpu"])
+    ddpm = denoise.main(["--ckpt", ckpt, "--sampler", "ddpm", "--steps", "5", "--per-digit", "1", "--out", out,
+                         "--process", "", "--device", "cpu"])
+    assert ddpm["images"].shape == (10, 28, 28) and ddpm["labels"].tolist() == list(range(10))
 
 
 def test_lora_finetune_then_compare(data_dir, tmp_path):
@@ -125,6 +126,7 @@ def test_bad_inputs_are_one_line_errors(data_dir, tmp_path):
     _one_line_error(_cli("denoise.py", "--ckpt", str(tmp_path / "nope.pt")), "checkpoint not found")
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--digits", "3,12"), "0-9")
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--per-digit", "0"), "positive integer")
+    _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--eta", "-1"), "--eta")
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--out", "/proc/no/such/dir/x.png"), "cannot write")
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--lora", ckpt), "not a lora-adapter file")
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
