@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import lora_finetune  # noqa: E402
 import train  # noqa: E402
-from denoise import generate, load_sampler  # noqa: E402
+from denoise import GUIDANCE_INTERVAL, describe, generate, load_sampler, parse_interval  # noqa: E402
 from evaluate import Judge  # noqa: E402
 from model.cli import Parser, pick_device, positive_int, run_cli  # noqa: E402
 from model.figures import save_grid  # noqa: E402
@@ -28,6 +28,7 @@ from model.lora import merge_lora  # noqa: E402
 
 SAMPLERS = "ddim-50,ddim-20,ddim-10,ddim-100,ddpm-1000"
 GUIDANCE = [1.0, 1.5, 2.0, 3.0, 5.0]
+GUIDANCE_EVERY_STEP = [1.5, 2.0]
 
 
 def parse_args(argv=None):
@@ -37,8 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true", help="measure existing checkpoints only")
     p.add_argument("--per-digit", type=positive_int, default=1000, help="samples per digit for every row")
     p.add_argument("--guidance", type=float, default=1.5, help="guidance scale of the sampler rows")
+    p.add_argument("--guidance-interval", default=GUIDANCE_INTERVAL,
+                   help="steps t where guidance acts, for every row but the 'every step' ones ('all': every step)")
     p.add_argument("--batch-size", type=positive_int, default=10000, help="images sampled at once")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet for sampling")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet for every sampling row (CUDA always gets one compiled row too)")
     p.add_argument("--samplers", default=SAMPLERS,
                    help="sampler rows, e.g. ddim-50,ddpm-1000; '@N' sets N samples per digit for one row")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
@@ -56,20 +60,26 @@ def sync(device):
 
 
 def timed_generate(net, diffusion, labels, device, batch_size, **sampling):
-    """Warm up on the same batch shape for two steps, then time the full run."""
-    generate(net, diffusion, labels[:batch_size], **{**sampling, "steps": 2}, batch_size=batch_size)
+    """Warm up both batch shapes (B for unguided steps, 2B for guided ones), then time the full run.
+
+    Returns (images, seconds, warm-up seconds); the warm-up holds cuDNN's and torch.compile's first calls.
+    """
+    start = time.time()
+    warm = dict(sampling, steps=2, guidance_interval=None)
+    generate(net, diffusion, labels[:batch_size], batch_size=batch_size, **warm)  # guided: 2B
+    generate(net, diffusion, labels[:batch_size], batch_size=batch_size, **dict(warm, guidance=1.0))  # B
     sync(device)
+    warmup = time.time() - start
     start = time.time()
     images = generate(net, diffusion, labels, batch_size=batch_size, **sampling)
     sync(device)
-    return images, time.time() - start
+    return images, time.time() - start, warmup
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         hardware = f"one {torch.cuda.get_device_name()}"
     else:
         hardware = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
@@ -102,30 +112,40 @@ def main(argv=None):
     net = torch.compile(model, dynamic=False) if args.compile else model
     report["params"] = sum(p.numel() for p in model.parameters())
 
-    def run(name, net=net, per_digit=args.per_digit, **sampling):
+    interval = parse_interval(args.guidance_interval)
+
+    def run(name, net=net, per_digit=args.per_digit, guidance_interval=interval, **sampling):
         labels = torch.arange(10, device=device).repeat_interleave(per_digit)
-        images, seconds = timed_generate(net, diffusion, labels, device, args.batch_size, **sampling)
-        row = dict(name=name, seconds=seconds, **judge(images, labels), **sampling)
-        print(f"{name}: {seconds:.2f} s for {len(labels):,} digits, accuracy {100 * row['accuracy']:.2f}%, "
+        images, seconds, warmup = timed_generate(net, diffusion, labels, device, args.batch_size,
+                                                 guidance_interval=guidance_interval, **sampling)
+        row = dict(name=name, seconds=seconds, warmup_seconds=warmup, **judge(images, labels),
+                   guidance_interval=guidance_interval, **sampling)
+        print(f"{name} ({describe(guidance_interval=guidance_interval, **sampling)}): {seconds:.2f} s for "
+              f"{len(labels):,} digits, accuracy {100 * row['accuracy']:.2f}%, "
               f"FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})")
         return row, images
 
     os.makedirs(args.figures, exist_ok=True)
     report["guidance"], grids = [], {}
     for s in GUIDANCE:
-        row, images = run(f"DDIM-50, s={s:g}", sampler="ddim", steps=50, guidance=s)
+        row, images = run(f"s={s:g}", sampler="ddim", steps=50, guidance=s)
         report["guidance"].append(row)
         grids[f"s={s:g}"] = images.view(10, args.per_digit, 28, 28)[:, 0]  # the first sample of each digit
     save_grid(os.path.join(args.figures, "guidance.png"), {"": torch.stack(list(grids.values()))}, list(grids),
-              [str(d) for d in range(10)], title="guidance scale s (DDIM-50, same seed)")
+              [str(d) for d in range(10)], title=f"guidance scale s (DDIM-50, guidance on t in "
+              f"{list(interval) if interval else 'all'}, same seed)")
+    for s in GUIDANCE_EVERY_STEP:  # the same scales with guidance at every step: what the interval buys
+        report["guidance"].append(run(f"s={s:g}, every step", sampler="ddim", steps=50, guidance=s,
+                                      guidance_interval=None)[0])
     write()
 
+    default = dict(sampler="ddim", steps=50, guidance=args.guidance)
     lora_model, _ = load_sampler(args.ckpt, device, lora=args.lora)
     trainable = sum(p.numel() for n, p in lora_model.named_parameters() if n.endswith(("lora_A", "lora_B")))
-    base_row, _ = run("base", sampler="ddim", steps=50, guidance=args.guidance)
-    lora_row, _ = run("LoRA unmerged", net=lora_model, sampler="ddim", steps=50, guidance=args.guidance)
+    base_row, _ = run("base", **default)
+    lora_row, _ = run("LoRA unmerged", net=lora_model, **default)
     merge_lora(lora_model)
-    merged_row, _ = run("LoRA merged", net=lora_model, sampler="ddim", steps=50, guidance=args.guidance)
+    merged_row, _ = run("LoRA merged", net=lora_model, **default)
     report["lora"] = dict(adapter_params=trainable, base_params=report["params"],
                           adapter_bytes=os.path.getsize(args.lora), base_bytes=os.path.getsize(args.ckpt),
                           adapter_weight_bytes=4 * trainable, base_weight_bytes=4 * report["params"],
@@ -133,13 +153,17 @@ def main(argv=None):
     write()
 
     report["samplers"] = []
+    if device.type == "cuda" and not args.compile:  # one compiled row; its compile time is its warm-up
+        report["samplers"].append(dict(run("DDIM-50, torch.compile", net=torch.compile(model, dynamic=False),
+                                           **default)[0], compiled=True))
+        write()
     for spec in args.samplers.split(","):  # e.g. "ddim-50" or "ddpm-1000@100" (100 per digit)
         spec, _, per_digit = spec.partition("@")
         sampler, steps = spec.split("-")
         row, _ = run(f"{sampler.upper()}-{steps}", per_digit=int(per_digit or args.per_digit), sampler=sampler,
                      steps=int(steps), guidance=args.guidance)
         report["samplers"].append(row)
-        save_steps_plot(os.path.join(args.figures, "steps.png"), report["samplers"])
+        save_steps_plot(os.path.join(args.figures, "steps.png"), [r for r in report["samplers"] if "compiled" not in r])
         write()
     print(to_markdown(report, args))
 
@@ -175,16 +199,26 @@ def to_markdown(r, args):
         out += ["## Training\n", "| run | wall time | loop time | optimizer steps | images/s |", "|---|---|---|---|---|",
                 f"| base UNet ({r['params']:,} parameters) | {t['wall']:.1f} s | {t['seconds']:.1f} s | {t['steps']:,} "
                 f"| {t['images_per_s']:,.0f} |",
-                f"| LoRA adapter | {lt['wall']:.1f} s | {lt['seconds']:.1f} s | | |", ""]
+                f"| LoRA adapter | {lt['wall']:.1f} s | {lt['seconds']:.1f} s | | |", "",
+                "Wall time: the script's `main()` from its start to the checkpoint on disk (data loading and figures "
+                "included, Python's start and `import torch` not); loop time: the training loop alone.\n"]
     bf16 = ", bf16 autocast" if r["hardware"].startswith("one") else ""
-    head = ["| {} | digits | time | digits/s | class accuracy | FID | FID / floor |", "|---|---|---|---|---|---|---|"]
-    fmt = lambda row: (f"| {row['name']} | {row['n']:,} | {row['seconds']:.2f} s | {row['n'] / row['seconds']:,.0f} | "
-                       f"{100 * row['accuracy']:.2f}% | {row['fid']:.3f} | {row['fid'] / row['fid_floor']:.2f}x |")
+    head = ["| {} | digits | time | warm-up | digits/s | class accuracy | FID | FID / floor |",
+            "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda row: (f"| {row['name']} | {row['n']:,} | {row['seconds']:.2f} s | {row['warmup_seconds']:.1f} s | "
+                       f"{row['n'] / row['seconds']:,.0f} | {100 * row['accuracy']:.2f}% | {row['fid']:.3f} | "
+                       f"{row['fid'] / row['fid_floor']:.2f}x |")
+    interval = parse_interval(args.guidance_interval)
+    on = f"t in [{interval[0]}, {interval[1]}]" if interval else "every step"
+    where = f"guidance {args.guidance:g} on {on}"
+    out += ["Time: the timed run of all digits; warm-up: two 2-step runs before it, which hold the one-off costs "
+            "(cuDNN's first calls, torch.compile's compilation).\n"]
     if r.get("samplers"):
-        out += [f"## Samplers (guidance {args.guidance:g}, batch {args.batch_size:,}{bf16})\n",
+        out += [f"## Samplers ({where}, batch {args.batch_size:,}{bf16})\n",
                 head[0].format("sampler"), head[1]] + [fmt(row) for row in r["samplers"]] + [""]
     if r.get("guidance"):
-        out += [f"## Guidance sweep (DDIM-50{bf16})\n", head[0].format("guidance s"), head[1]]
+        out += [f"## Guidance sweep (DDIM-50{bf16}; guidance on {on} unless the row says every step)\n",
+                head[0].format("guidance s"), head[1]]
         out += [fmt(row) for row in r["guidance"]] + [""]
     if "lora" in r:
         lo = r["lora"]
@@ -193,7 +227,7 @@ def to_markdown(r, args):
                 f"{lo['base_bytes'] / 2**20:.2f} MiB (weights, EMA weights, optimizer state) |",
                 f"| LoRA adapter | {lo['adapter_params']:,} ({100 * lo['adapter_params'] / lo['base_params']:.2f}%) | "
                 f"{lo['adapter_weight_bytes'] / 1024:.0f} KiB | {lo['adapter_bytes'] / 1024:.0f} KiB (with resume state) |",
-                "", f"Sampling with DDIM-50, guidance {args.guidance:g}:\n", head[0].format("model"), head[1]]
+                "", f"Sampling with DDIM-50, {where}:\n", head[0].format("model"), head[1]]
         out += [fmt(row) for row in lo["rows"]]
     return "\n".join(out) + "\n"
 

@@ -7,7 +7,9 @@
 
 Samplers: DDIM (default; deterministic with --eta 0, 50 steps) or DDPM (ancestral; --steps 1000 is the
 original chain). Guidance follows diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain
-conditional sampling, s > 1 trades diversity for fidelity to the label.
+conditional sampling, s > 1 trades diversity for fidelity to the label. By default guidance acts only on
+steps 82..578, where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (0.28, 5.42], the interval of
+Kynkaanniemi et al. 2024; --guidance-interval all guides every step.
 """
 import time
 
@@ -37,6 +39,30 @@ def parse_digits(text):
     return digits
 
 
+GUIDANCE_INTERVAL = "82,578"  # sigma_t in (0.28, 5.42] for the default schedule (see model/diffusion.py)
+
+
+def parse_interval(text):
+    """'82,578' -> (82, 578); 'all' -> None (guidance at every step)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--guidance-interval: expected two steps like 82,578 (or 'all'), got {text!r}")
+    if not 0 <= lo <= hi:
+        raise UserError(f"--guidance-interval: need 0 <= first <= second, got {text!r}")
+    return lo, hi
+
+
+def describe(sampler, steps, guidance, guidance_interval=None, **_):
+    """A short human name for a sampling setting, e.g. 'DDIM-50, guidance 1.5 on t in [82, 578]'."""
+    name = f"{sampler.upper()}-{steps}, guidance {guidance:g}"
+    if guidance != 1 and guidance_interval is not None:
+        name += f" on t in [{guidance_interval[0]}, {guidance_interval[1]}]"
+    return name
+
+
 def load_sampler(ckpt, device, weights="ema", lora=None, lora_scale=1.0, merge=False):
     """The model to sample from: a checkpoint's weights, optionally with a LoRA adapter (blended/merged)."""
     model, diffusion, _ = load_model(ckpt, device, weights=weights)
@@ -51,7 +77,10 @@ def load_sampler(ckpt, device, weights="ema", lora=None, lora_scale=1.0, merge=F
 
 def generate(model, diffusion, labels, steps=50, sampler="ddim", eta=None, guidance=1.0, seed=0,
              batch_size=1000, **extra):
-    """One sample per label [N], reproducible from `seed`; bf16 autocast on CUDA."""
+    """One sample per label [N], reproducible from `seed`; bf16 autocast on CUDA.
+
+    `extra` goes on to Diffusion.sample, e.g. guidance_interval=(82, 578).
+    """
     device = labels.device
     generator = torch.Generator(device=device).manual_seed(seed)
     with autocast(device):
@@ -75,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
     p.add_argument("--guidance", type=float, default=1.5,
                    help="classifier-free guidance scale s (1 = plain conditional, >1 = stronger)")
+    p.add_argument("--guidance-interval", default=GUIDANCE_INTERVAL,
+                   help="guide only at steps t in [first, second] ('all': every step); see the top of --help")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="the averaged (default) or the last training weights")
     p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and the sampler")
@@ -112,12 +143,13 @@ def main(argv=None):
     if not 1 <= args.steps <= diffusion.T:
         raise UserError(f"--steps must be between 1 and T = {diffusion.T}")
     labels = torch.tensor(digits, device=device).repeat_interleave(args.per_digit)  # [D * per_digit]
-    sampling = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance)
+    sampling = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
+                    guidance_interval=parse_interval(args.guidance_interval))
 
     def draw(net):
         return generate(net, diffusion, labels, seed=args.seed, batch_size=args.batch_size, **sampling)
 
-    name = f"{args.sampler.upper()}-{args.steps}, guidance {args.guidance:g}"
+    name = describe(**sampling)
     compare = {}
     if args.lora:
         load_lora(model, args.lora, device)

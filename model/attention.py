@@ -20,6 +20,8 @@ prediction, used by classifier-free guidance (see diffusion.py).
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .norm import GroupNorm
+
 
 class LabelContext(nn.Module):
     """Digit label -> a sequence of `tokens` learned context vectors: [B] -> [B, tokens, dim]."""
@@ -45,7 +47,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         assert channels % heads == 0, "channels must split evenly into heads"
         self.heads = heads
-        self.norm = nn.GroupNorm(8, channels)
+        self.norm = GroupNorm(8, channels)
         self.w_q = nn.Linear(channels, channels, bias=False)
         self.w_k = nn.Linear(context_dim, channels, bias=False)
         self.w_v = nn.Linear(context_dim, channels, bias=False)

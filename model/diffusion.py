@@ -8,6 +8,8 @@ Notation follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDP
     alpha_bar_t   = prod_{s<=t} alpha_s
     forward:      x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I)   (DDPM eq. 4)
     loss:         || eps - eps_theta(x_t, t, y) ||^2                            (DDPM eq. 14)
+    Min-SNR-gamma: the loss at step t weighted by min(SNR_t, gamma) / SNR_t,  SNR_t = alpha_bar_t / (1 - alpha_bar_t)
+                  (Hang et al. 2023)
 
 Reverse step, from x_t to x_{t'} with t' < t (t' = t - 1 for plain DDPM; larger jumps for fewer steps):
 
@@ -24,6 +26,9 @@ eps(x_t, null), having seen the null label for ~10% of training examples. Sampli
     eps_hat = eps_null + s (eps_y - eps_null)
 
 with s = 1 plain conditional sampling and s > 1 pushing harder toward the label (diffusers' convention).
+Guidance can be limited to an interval of steps t_lo <= t <= t_hi (Kynkaanniemi et al. 2024): at the
+noisiest steps it pulls every sample toward the same prototype (less diversity), at the cleanest it has
+nothing left to decide; outside the interval one conditional pass suffices, which also saves time.
 """
 import torch
 import torch.nn.functional as F
@@ -54,11 +59,15 @@ class Diffusion:
         alpha_bar = self.alpha_bar.to(x_0.device, torch.float32)[t].view(-1, 1, 1, 1)  # [B,1,1,1]
         return alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * eps
 
-    def loss(self, model, x_0, y, p_uncond=0.0):
+    def loss(self, model, x_0, y, p_uncond=0.0, min_snr_gamma=None):
         """The simple DDPM loss: MSE between the true noise and the predicted noise at a random step.
 
         With probability `p_uncond` a label is replaced by the null label, so the same network also learns
         the unconditional prediction that classifier-free guidance needs.
+
+        With `min_snr_gamma` each example's error is weighted by min(SNR_t, gamma) / SNR_t (Min-SNR-gamma,
+        Hang et al. 2023). Nearly clean inputs (small t, huge SNR) are easy and their gradients fight those of
+        the noisy steps; capping their weight lets training spend its few steps where the digit is decided.
         """
         B = x_0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x_0.device)
@@ -67,7 +76,12 @@ class Diffusion:
         if p_uncond > 0:
             drop = torch.rand(B, device=x_0.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.config["num_classes"]), y)
-        return F.mse_loss(model(x_t, t, y).float(), eps)
+        if not min_snr_gamma:
+            return F.mse_loss(model(x_t, t, y).float(), eps)
+        err = (model(x_t, t, y).float() - eps).pow(2).mean(dim=(1, 2, 3))    # [B]: per-example MSE
+        alpha_bar = self.alpha_bar.to(x_0.device, torch.float32)[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        return (err * snr.clamp(max=min_snr_gamma) / snr).mean()
 
     # ---- reverse process ---------------------------------------------------------------------------
 
@@ -116,9 +130,12 @@ class Diffusion:
         return torch.linspace(self.T - 1, 0, steps).round().long().tolist()
 
     @torch.inference_mode()
-    def sample(self, model, y, steps=None, sampler="ddpm", eta=None, guidance=1.0, generator=None,
-               frames=0, x_T=None):
+    def sample(self, model, y, steps=None, sampler="ddpm", eta=None, guidance=1.0, guidance_interval=None,
+               generator=None, frames=0, x_T=None):
         """Draw one image per label in y [B], starting from x_T ~ N(0, I).
+
+        `guidance` applies at steps t with t_lo <= t <= t_hi when `guidance_interval` = (t_lo, t_hi) is
+        given, at every step otherwise.
 
         Returns x_0 [B,1,28,28] in [-1,1]; with `frames` > 0 also a list of up to `frames` snapshots
         (t', x_t') evenly spaced along the chain, the last being (-1, x_0). Everything stays on the device:
@@ -133,7 +150,8 @@ class Diffusion:
         snapshots = []
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            eps = guided_eps(model, x, torch.full_like(y, t), y, guidance)
+            in_interval = guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1]
+            eps = guided_eps(model, x, torch.full_like(y, t), y, guidance if in_interval else 1.0)
             # Fresh noise only where the step uses it (not DDIM with eta = 0, not the last step).
             stochastic = t_prev >= 0 and (sampler == "ddpm" or eta > 0)
             noise = torch.randn(x.shape, device=device, generator=generator) if stochastic else 0.0

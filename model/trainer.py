@@ -40,7 +40,8 @@ def plan_steps(n_images, batch_size, epochs, max_steps=None):
 
 
 def fit(model, diffusion, images, labels, optimizer, ema, *, total_steps, batch_size, lr, warmup=200,
-        p_uncond=0.1, seed=0, start_step=0, losses=None, save=None, forward=None, desc="train"):
+        p_uncond=0.1, min_snr_gamma=None, seed=0, start_step=0, losses=None, save=None, forward=None,
+        desc="train"):
     """Train until `total_steps` optimizer steps. Returns the list of per-step losses.
 
     `save(step, losses)` is called after every epoch, at the end and on Ctrl-C. `forward` is the callable
@@ -66,7 +67,7 @@ def fit(model, diffusion, images, labels, optimizer, ema, *, total_steps, batch_
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, lr, warmup, total_steps)
                 with autocast(device):
-                    loss = diffusion.loss(forward, x_0, y, p_uncond)
+                    loss = diffusion.loss(forward, x_0, y, p_uncond, min_snr_gamma)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

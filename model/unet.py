@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import CrossAttention, LabelContext
+from .norm import GroupNorm
 
 DEFAULT_CONFIG = dict(
     channels=(64, 128, 128),  # feature channels at 28x28, 14x14, 7x7
@@ -47,10 +48,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in, c_out, t_dim):
         super().__init__()
-        self.norm1 = nn.GroupNorm(8, c_in)
+        self.norm1 = GroupNorm(8, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.t_proj = nn.Linear(t_dim, c_out)
-        self.norm2 = nn.GroupNorm(8, c_out)
+        self.norm2 = GroupNorm(8, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -106,7 +107,7 @@ class UNet(nn.Module):
             if level > 0:  # after nearest x2 (H -> 2H), a conv that also narrows to the next level's width
                 c_prev = channels[level - 1]
                 self.upsample.append(nn.Conv2d(c, c_prev, 3, padding=1))
-        self.out = nn.Sequential(nn.GroupNorm(8, c0), nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(8, c0), nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
 
     def forward(self, x_t, t, y):
         context = self.context(y)                                             # [B, L, d_ctx]

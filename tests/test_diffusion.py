@@ -130,3 +130,32 @@ def test_label_dropout_uses_the_null_label(tiny_model):
     d.loss(spy, torch.zeros(2000, 1, 28, 28), y, p_uncond=0.1)
     share = (seen[0] == 10).float().mean()
     assert 0.08 < share < 0.12 and set(seen[0].tolist()) == {0, 10}
+
+
+def test_min_snr_weights_each_example_by_min_snr_gamma_over_snr():
+    d = Diffusion(T=1000)
+    x_0, y = torch.rand(256, 1, 28, 28) * 2 - 1, torch.zeros(256, dtype=torch.long)
+    zero = lambda x_t, t, y: torch.zeros_like(x_t)  # predicts no noise: the error is eps itself
+    torch.manual_seed(0)
+    weighted = d.loss(zero, x_0, y, min_snr_gamma=5.0)
+    torch.manual_seed(0)  # the same draws of t and eps, by hand
+    t = torch.randint(0, 1000, (256,))
+    eps = torch.randn_like(x_0)
+    snr = d.alpha_bar[t] / (1 - d.alpha_bar[t])
+    expected = (eps.pow(2).mean(dim=(1, 2, 3)) * (snr.clamp(max=5.0) / snr).float()).mean()
+    assert torch.allclose(weighted, expected, rtol=1e-5)
+    torch.manual_seed(0)
+    plain = d.loss(zero, x_0, y)
+    torch.manual_seed(0)
+    assert torch.allclose(d.loss(zero, x_0, y, min_snr_gamma=1e12), plain, rtol=1e-5)  # gamma -> inf: plain
+    assert weighted < 0.95 * plain  # easy steps (SNR > 5: t < 130 or so) count less
+
+
+def test_guidance_outside_its_interval_is_plain_conditional_sampling(tiny_model):
+    d = Diffusion(T=100)
+    y, x_T = torch.arange(4), torch.randn(4, 1, 28, 28)
+    run = lambda **kw: d.sample(tiny_model.eval(), y, steps=10, sampler="ddim", x_T=x_T.clone(), **kw)
+    plain = run(guidance=1.0)
+    assert torch.equal(run(guidance=3.0, guidance_interval=(200, 300)), plain)  # no step in [200, 300]
+    assert torch.equal(run(guidance=3.0, guidance_interval=(0, 99)), run(guidance=3.0))  # every step inside
+    assert not torch.allclose(run(guidance=3.0, guidance_interval=(0, 50)), plain)

@@ -95,3 +95,17 @@ def test_tiny_model_overfits_a_handful_of_images():
         loss.backward()
         opt.step()
     assert eval_loss() < start / 5
+
+
+def test_groupnorm_keeps_the_input_dtype_under_autocast():
+    from model.norm import GroupNorm
+    ours, ref = GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_(), ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())  # same parameters, same names: old checkpoints load
+    x = torch.randn(3, 16, 5, 5)
+    assert torch.equal(ours(x), ref(x))  # float32 in, float32 math: exactly nn.GroupNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16  # autocast would have widened it to float32
+    assert torch.allclose(out.float(), ref(x.bfloat16().float()), atol=0.05)

@@ -1,4 +1,5 @@
 """The three scripts end to end on a tiny synthetic data set, and their one-line errors."""
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import denoise
 import lora_finetune
 import train
@@ -156,3 +158,29 @@ def test_help_explains_every_flag(script, capsys):
     assert len(parser_flags) >= 5
     for line in text.split("options:")[1].split("\n  -")[1:]:
         assert len(line.split()) > 2, f"flag without an explanation: {line.strip()}"
+
+
+def test_bench_writes_every_section(data_dir, tmp_path):
+    """bench.py end to end on the CPU with a tiny model: every section of the report, every row scored."""
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "2")
+    adapter = str(tmp_path / "lora.pt")
+    lora_finetune.main(["--base", ckpt, "--out", adapter, "--data-dir", data_dir, "--max-steps", "2",
+                        "--batch-size", "16", "--rank", "2", "--device", "cpu", "--figures", str(tmp_path / "fig")])
+    out = tmp_path / "bench" / "report.md"
+    bench.main(["--skip-train", "--ckpt", ckpt, "--lora", adapter, "--data-dir", data_dir, "--device", "cpu",
+                "--per-digit", "2", "--batch-size", "20", "--samplers", "ddim-3,ddpm-4@1",
+                "--classifier", str(tmp_path / "classifier.pt"), "--figures", str(tmp_path / "fig"),
+                "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    text = out.read_text()
+    for section in ("## Samplers", "## Guidance sweep", "## LoRA"):
+        assert section in text
+    names = [row["name"] for row in report["guidance"]]
+    assert names == ["s=1", "s=1.5", "s=2", "s=3", "s=5", "s=1.5, every step", "s=2, every step"]
+    assert report["guidance"][1]["guidance_interval"] == [82, 578]  # the default interval, through JSON
+    assert report["guidance"][-1]["guidance_interval"] is None
+    assert [row["n"] for row in report["samplers"]] == [20, 10]
+    for row in report["guidance"] + report["samplers"] + report["lora"]["rows"]:
+        assert 0 <= row["accuracy"] <= 1 and row["fid"] >= 0 and row["seconds"] > 0
+    assert os.path.getsize(tmp_path / "fig" / "guidance.png") > 1000
+    assert os.path.getsize(tmp_path / "fig" / "steps.png") > 1000
