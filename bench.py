@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import lora_finetune  # noqa: E402
 import train  # noqa: E402
-from denoise import GUIDANCE_INTERVAL, describe, generate, load_sampler, parse_interval  # noqa: E402
+from denoise import describe, generate, load_sampler, parse_interval, resolve_interval  # noqa: E402
 from evaluate import Judge  # noqa: E402
 from model.cli import Parser, pick_device, positive_int, run_cli  # noqa: E402
 from model.figures import save_grid  # noqa: E402
@@ -39,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true", help="measure existing checkpoints only")
     p.add_argument("--per-digit", type=positive_int, default=1000, help="samples per digit for every row")
     p.add_argument("--guidance", type=float, default=1.5, help="guidance scale of the sampler rows")
-    p.add_argument("--guidance-interval", default=GUIDANCE_INTERVAL,
-                   help="steps t where guidance acts, for every row but the 'every step' ones ('all': every step)")
+    p.add_argument("--guidance-interval", default="auto",
+                   help="steps where guidance acts in every row but the 'every step' ones: auto, all or FIRST,LAST")
     p.add_argument("--batch-size", type=positive_int, default=10000, help="images sampled at once")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet for every sampling row (CUDA always gets one compiled row too)")
@@ -79,6 +79,7 @@ def timed_generate(net, diffusion, labels, device, batch_size, **sampling):
 
 def main(argv=None):
     args = parse_args(argv)
+    interval = parse_interval(args.guidance_interval)  # a bad value fails now, not after the training
     device = pick_device(args.device)
     if device.type == "cuda":
         hardware = f"one {torch.cuda.get_device_name()}"
@@ -112,8 +113,8 @@ def main(argv=None):
     model, diffusion = load_sampler(args.ckpt, device)
     net = torch.compile(model, dynamic=False) if args.compile else model
     report["params"] = sum(p.numel() for p in model.parameters())
+    interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
 
-    interval = parse_interval(args.guidance_interval)
 
     def run(name, net=net, per_digit=args.per_digit, guidance_interval=interval, **sampling):
         labels = torch.arange(10, device=device).repeat_interleave(per_digit)
@@ -209,7 +210,7 @@ def to_markdown(r, args):
     fmt = lambda row: (f"| {row['name']} | {row['n']:,} | {row['seconds']:.2f} s | {row['warmup_seconds']:.1f} s | "
                        f"{row['n'] / row['seconds']:,.0f} | {100 * row['accuracy']:.2f}% | {row['fid']:.3f} | "
                        f"{row['fid'] / row['fid_floor']:.2f}x |")
-    interval = parse_interval(args.guidance_interval)
+    interval = r.get("guidance_interval")
     on = f"t in [{interval[0]}, {interval[1]}]" if interval else "every step"
     where = f"guidance {args.guidance:g} on {on}"
     out += ["Time: the timed run of all digits; warm-up: two 2-step runs before it, which hold the one-off costs "

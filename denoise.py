@@ -7,9 +7,10 @@
 
 Samplers: DDIM (default; deterministic with --eta 0, 50 steps) or DDPM (ancestral; --steps 1000 is the
 original chain). Guidance follows diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain
-conditional sampling, s > 1 trades diversity for fidelity to the label. By default guidance acts only on
-steps 82..578, where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (0.28, 5.42], the interval of
-Kynkaanniemi et al. 2024; --guidance-interval all guides every step.
+conditional sampling, s > 1 trades diversity for fidelity to the label. By default (--guidance-interval
+auto) guidance acts only on the steps where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in
+(0.28, 5.42], the interval of Kynkaanniemi et al. 2024: t = 82..578 for the default schedule. 'all' guides
+every step; FIRST,LAST picks the steps by hand.
 """
 import time
 
@@ -39,20 +40,30 @@ def parse_digits(text):
     return digits
 
 
-GUIDANCE_INTERVAL = "82,578"  # sigma_t in (0.28, 5.42] for the default schedule (see model/diffusion.py)
+GUIDANCE_SIGMAS = (0.28, 5.42)  # guide where sigma_t is in (0.28, 5.42]: Kynkaanniemi et al. 2024, ImageNet
 
 
 def parse_interval(text):
-    """'82,578' -> (82, 578); 'all' -> None (guidance at every step)."""
-    if text.strip().lower() == "all":
-        return None
+    """'auto' -> 'auto' (resolved by resolve_interval); 'all' -> None (every step); '82,578' -> (82, 578)."""
+    if text.strip().lower() in ("auto", "all"):
+        return None if text.strip().lower() == "all" else "auto"
     try:
         lo, hi = (int(v) for v in text.split(","))
     except ValueError:
-        raise UserError(f"--guidance-interval: expected two steps like 82,578 (or 'all'), got {text!r}")
+        raise UserError(f"--guidance-interval: expected auto, all or two steps like 82,578; got {text!r}")
     if not 0 <= lo <= hi:
         raise UserError(f"--guidance-interval: need 0 <= first <= second, got {text!r}")
     return lo, hi
+
+
+def resolve_interval(interval, diffusion):
+    """'auto' -> the steps of this schedule with sigma_t in GUIDANCE_SIGMAS ([82, 578] for T = 1000)."""
+    if interval != "auto":
+        return interval
+    try:
+        return diffusion.steps_with_sigma(*GUIDANCE_SIGMAS)
+    except ValueError as e:
+        raise UserError(f"--guidance-interval auto: {e}; give the steps as FIRST,LAST or use all")
 
 
 def describe(sampler, steps, guidance, guidance_interval=None, **_):
@@ -104,8 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
     p.add_argument("--guidance", type=float, default=1.5,
                    help="classifier-free guidance scale s (1 = plain conditional, >1 = stronger)")
-    p.add_argument("--guidance-interval", default=GUIDANCE_INTERVAL,
-                   help="guide only at steps t in [first, second] ('all': every step); see the top of --help")
+    p.add_argument("--guidance-interval", default="auto",
+                   help="steps where guidance acts: auto, all, or FIRST,LAST (see the top of --help)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="the averaged (default) or the last training weights")
     p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and the sampler")
@@ -135,6 +146,7 @@ def main(argv=None):
             check_writable(path)
     if args.eta is not None and not 0 <= args.eta <= 1:
         raise UserError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {args.eta}")
+    interval = parse_interval(args.guidance_interval)
     if args.export and not args.export.endswith(".npz"):
         raise UserError(f"--export writes a NumPy .npz file; got {args.export}")
     device = pick_device(args.device)
@@ -144,7 +156,7 @@ def main(argv=None):
         raise UserError(f"--steps must be between 1 and T = {diffusion.T}")
     labels = torch.tensor(digits, device=device).repeat_interleave(args.per_digit)  # [D * per_digit]
     sampling = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                    guidance_interval=parse_interval(args.guidance_interval))
+                    guidance_interval=resolve_interval(interval, diffusion))
 
     def draw(net):
         return generate(net, diffusion, labels, seed=args.seed, batch_size=args.batch_size, **sampling)

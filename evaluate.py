@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from denoise import GUIDANCE_INTERVAL, describe, generate, load_sampler, parse_digits, parse_interval
+from denoise import describe, generate, load_sampler, parse_digits, parse_interval, resolve_interval
 from model.checkpoint import load_file, save_file
 from model.cli import Parser, UserError, pick_device, positive_int, run_cli, seed_everything
 from model.data import load_mnist
@@ -90,8 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int, default=50, help="with --ckpt: denoising steps")
     p.add_argument("--eta", type=float, help="with --ckpt: DDIM noise (default 0)")
     p.add_argument("--guidance", type=float, default=1.5, help="with --ckpt: classifier-free guidance scale")
-    p.add_argument("--guidance-interval", default=GUIDANCE_INTERVAL,
-                   help="with --ckpt: guide only at steps t in [first, second] ('all': every step)")
+    p.add_argument("--guidance-interval", default="auto",
+                   help="with --ckpt: steps where guidance acts: auto, all, or FIRST,LAST (see denoise.py --help)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--batch-size", type=positive_int, default=1000, help="images sampled at once")
     p.add_argument("--classifier", default="checkpoints/classifier.pt", help="cached classifier (trained if absent)")
@@ -117,6 +117,7 @@ def load_samples(path, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    interval = parse_interval(args.guidance_interval)
     device = pick_device(args.device)
     seed_everything(args.seed)
     if args.samples:
@@ -126,7 +127,7 @@ def main(argv=None):
         model, diffusion = load_sampler(args.ckpt, device, lora=args.lora, lora_scale=args.lora_scale)
         labels = torch.tensor(parse_digits(args.digits), device=device).repeat_interleave(args.per_digit)
         sampling = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                        guidance_interval=parse_interval(args.guidance_interval))
+                        guidance_interval=resolve_interval(interval, diffusion))
         images = generate(model, diffusion, labels, seed=args.seed, batch_size=args.batch_size, **sampling)
         source = args.ckpt + (f" + {args.lora}" if args.lora else "")
         title = f"{len(images):,} samples from {source} ({describe(**sampling)})"

@@ -28,7 +28,9 @@ eps(x_t, null), having seen the null label for ~10% of training examples. Sampli
 with s = 1 plain conditional sampling and s > 1 pushing harder toward the label (diffusers' convention).
 Guidance can be limited to an interval of steps t_lo <= t <= t_hi (Kynkaanniemi et al. 2024): at the
 noisiest steps it pulls every sample toward the same prototype (less diversity), at the cleanest it has
-nothing left to decide; outside the interval one conditional pass suffices, which also saves time.
+nothing left to decide; outside the interval one conditional pass suffices, which also saves time. The
+interval is naturally stated in noise levels, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t);
+`steps_with_sigma` turns it into steps of this schedule.
 """
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,15 @@ class Diffusion:
 
     def config(self):
         return dict(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
+
+    def steps_with_sigma(self, sigma_lo, sigma_hi):
+        """(t_lo, t_hi): the steps whose noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in
+        (sigma_lo, sigma_hi]. sigma_t grows with t, so they are one run of consecutive steps."""
+        sigma = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
+        inside = ((sigma > sigma_lo) & (sigma <= sigma_hi)).nonzero().flatten().tolist()
+        if not inside:
+            raise ValueError(f"no step of this schedule has sigma in ({sigma_lo}, {sigma_hi}]")
+        return inside[0], inside[-1]
 
     def _alpha_bar(self, t):
         """alpha_bar_t as a Python float, with alpha_bar_{-1} = 1 (the clean image) for the last step."""

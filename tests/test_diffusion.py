@@ -159,3 +159,16 @@ def test_guidance_outside_its_interval_is_plain_conditional_sampling(tiny_model)
     assert torch.equal(run(guidance=3.0, guidance_interval=(200, 300)), plain)  # no step in [200, 300]
     assert torch.equal(run(guidance=3.0, guidance_interval=(0, 99)), run(guidance=3.0))  # every step inside
     assert not torch.allclose(run(guidance=3.0, guidance_interval=(0, 50)), plain)
+
+
+def test_the_default_guidance_interval_is_sigma_028_to_542():
+    from denoise import parse_interval, resolve_interval
+
+    d = Diffusion(T=1000)
+    lo, hi = d.steps_with_sigma(0.28, 5.42)
+    assert (lo, hi) == (82, 578)
+    sigma = ((1 - d.alpha_bar) / d.alpha_bar).sqrt()
+    assert sigma[lo - 1] <= 0.28 < sigma[lo] and sigma[hi] <= 5.42 < sigma[hi + 1]
+    assert resolve_interval(parse_interval("auto"), d) == (82, 578)
+    assert resolve_interval(parse_interval("auto"), Diffusion(T=200)) != (82, 578)  # follows the schedule
+    assert parse_interval("all") is None and parse_interval("10,20") == (10, 20)

@@ -129,6 +129,7 @@ def test_bad_inputs_are_one_line_errors(data_dir, tmp_path):
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--digits", "3,12"), "0-9")
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--per-digit", "0"), "positive integer")
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--eta", "-1"), "--eta")
+    _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--guidance-interval", "600,100"), "--guidance-interval")
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--out", "/proc/no/such/dir/x.png"), "cannot write")
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--lora", ckpt), "not a lora-adapter file")
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
