@@ -2,9 +2,9 @@
 
 Autocast runs `group_norm` in float32: a bf16 feature map is widened, normalised, written back as float32,
 passed through SiLU in float32, and narrowed again by the next convolution. In a UNet this small the
-convolutions are cheap and such element-wise passes are most of the time: profiled on one H100, a
-forward pass of 20,000 images spent about 30 ms of 340 in convolutions and most of the rest in norms,
-SiLUs, dtype casts and layout copies.
+convolutions are cheap and such element-wise passes are most of the time: profiled on one H100, in a
+340 ms forward pass of 20,000 images the two largest convolution kernels took 31 ms, while norms, SiLUs,
+dtype casts and layout copies took about two thirds of the total.
 
 The normalisation does not need float32 *storage*: PyTorch's kernel accumulates the mean and variance in
 float32 whatever the input dtype. So we switch autocast off for this one op and run it in the dtype the
