@@ -50,6 +50,8 @@ def main(argv=None):
     device = pick_device(args.device)
     seed_everything(args.seed)
     check_writable(args.out)
+    if args.min_snr_gamma < 0:
+        raise UserError(f"--min-snr-gamma must be >= 0 (0 = the plain loss), got {args.min_snr_gamma:g}")
     os.makedirs(args.figures, exist_ok=True)
     if device.type == "cuda":
         # cudnn.benchmark stays off: timing every conv algorithm for every shape, forward and backward,

@@ -137,6 +137,7 @@ def test_bad_inputs_are_one_line_errors(data_dir, tmp_path):
     _one_line_error(_cli("train.py", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.pt")),
                     "MNIST not found")
     _one_line_error(_cli("lora_finetune.py", "--base", str(tmp_path / "nope.pt")), "checkpoint not found")
+    _one_line_error(_cli("train.py", "--min-snr-gamma", "-1", "--out", str(tmp_path / "x.pt")), "--min-snr-gamma")
 
 
 def test_corrupt_data_is_a_one_line_error(tmp_path):
