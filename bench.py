@@ -115,7 +115,6 @@ def main(argv=None):
     report["params"] = sum(p.numel() for p in model.parameters())
     interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
 
-
     def run(name, net=net, per_digit=args.per_digit, guidance_interval=interval, **sampling):
         labels = torch.arange(10, device=device).repeat_interleave(per_digit)
         images, seconds, warmup = timed_generate(net, diffusion, labels, device, args.batch_size,
@@ -165,7 +164,8 @@ def main(argv=None):
         row, _ = run(f"{sampler.upper()}-{steps}", per_digit=int(per_digit or args.per_digit), sampler=sampler,
                      steps=int(steps), guidance=args.guidance)
         report["samplers"].append(row)
-        save_steps_plot(os.path.join(args.figures, "steps.png"), [r for r in report["samplers"] if "compiled" not in r])
+        eager = [r for r in report["samplers"] if "compiled" not in r]
+        save_steps_plot(os.path.join(args.figures, "steps.png"), eager)
         write()
     print(to_markdown(report, args))
 

@@ -46,6 +46,13 @@ class Diffusion:
         self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
+        self._alpha_bar_on = {}  # device -> float32 copy, so training steps do no host-to-device copies
+
+    def alpha_bar_on(self, device):
+        """alpha_bar as float32 on `device`, copied there once and then reused."""
+        if device not in self._alpha_bar_on:
+            self._alpha_bar_on[device] = self.alpha_bar.to(device, torch.float32)
+        return self._alpha_bar_on[device]
 
     def config(self):
         return dict(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
@@ -67,7 +74,7 @@ class Diffusion:
 
     def q_sample(self, x_0, t, eps):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for a batch of steps t [B]."""
-        alpha_bar = self.alpha_bar.to(x_0.device, torch.float32)[t].view(-1, 1, 1, 1)  # [B,1,1,1]
+        alpha_bar = self.alpha_bar_on(x_0.device)[t].view(-1, 1, 1, 1)  # [B,1,1,1]
         return alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * eps
 
     def loss(self, model, x_0, y, p_uncond=0.0, min_snr_gamma=None):
@@ -90,7 +97,7 @@ class Diffusion:
         if not min_snr_gamma:
             return F.mse_loss(model(x_t, t, y).float(), eps)
         err = (model(x_t, t, y).float() - eps).pow(2).mean(dim=(1, 2, 3))    # [B]: per-example MSE
-        alpha_bar = self.alpha_bar.to(x_0.device, torch.float32)[t]
+        alpha_bar = self.alpha_bar_on(x_0.device)[t]
         snr = alpha_bar / (1 - alpha_bar)
         return (err * snr.clamp(max=min_snr_gamma) / snr).mean()
 
