@@ -11,6 +11,7 @@ on CUDA one extra DDIM-50 row runs through torch.compile, whose compilation is t
 import json
 import os
 import platform
+import re
 import time
 
 import matplotlib
@@ -23,7 +24,7 @@ import lora_finetune  # noqa: E402
 import train  # noqa: E402
 from denoise import describe, generate, load_sampler, parse_interval, resolve_interval  # noqa: E402
 from evaluate import Judge  # noqa: E402
-from model.cli import Parser, pick_device, positive_int, run_cli  # noqa: E402
+from model.cli import Parser, UserError, pick_device, positive_int, run_cli  # noqa: E402
 from model.figures import save_grid  # noqa: E402
 from model.lora import merge_lora  # noqa: E402
 
@@ -55,6 +56,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_samplers(text):
+    """'ddim-50,ddpm-1000@100' -> [('ddim', 50, None), ('ddpm', 1000, 100)]: sampler, steps, samples per digit."""
+    rows = []
+    for spec in text.split(","):
+        m = re.fullmatch(r"(ddim|ddpm)-([1-9][0-9]*)(?:@([1-9][0-9]*))?", spec.strip())
+        if not m:
+            raise UserError(f"--samplers: expected rows like ddim-50 or ddpm-1000@100, got {spec!r}")
+        rows.append((m[1], int(m[2]), int(m[3]) if m[3] else None))
+    return rows
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -79,7 +91,8 @@ def timed_generate(net, diffusion, labels, device, batch_size, **sampling):
 
 def main(argv=None):
     args = parse_args(argv)
-    interval = parse_interval(args.guidance_interval)  # a bad value fails now, not after the training
+    interval = parse_interval(args.guidance_interval)  # bad values fail now, not after the training
+    samplers = parse_samplers(args.samplers)
     device = pick_device(args.device)
     if device.type == "cuda":
         hardware = f"one {torch.cuda.get_device_name()}"
@@ -106,14 +119,18 @@ def main(argv=None):
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:  # keep the training numbers early
             json.dump(report, f, indent=1, default=float)
 
+    # Both models and the settings are checked before the classifier and the first row spend any time.
+    model, diffusion = load_sampler(args.ckpt, device)
+    lora_model, _ = load_sampler(args.ckpt, device, lora=args.lora)
+    interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
+    if max(steps for _, steps, _ in samplers) > diffusion.T:
+        raise UserError(f"--samplers: at most T = {diffusion.T} steps, got {args.samplers}")
+    net = torch.compile(model, dynamic=False) if args.compile else model
+    report["params"] = sum(p.numel() for p in model.parameters())
     start = time.time()
     judge = Judge(args.classifier, args.data_dir, device)
     report["classifier"] = dict(test_accuracy=judge.test_accuracy, seconds=time.time() - start)
     report["fid_floor"] = judge.floor(10 * args.per_digit)
-    model, diffusion = load_sampler(args.ckpt, device)
-    net = torch.compile(model, dynamic=False) if args.compile else model
-    report["params"] = sum(p.numel() for p in model.parameters())
-    interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
 
     def run(name, net=net, per_digit=args.per_digit, guidance_interval=interval, **sampling):
         labels = torch.arange(10, device=device).repeat_interleave(per_digit)
@@ -141,7 +158,6 @@ def main(argv=None):
     write()
 
     default = dict(sampler="ddim", steps=50, guidance=args.guidance)
-    lora_model, _ = load_sampler(args.ckpt, device, lora=args.lora)
     trainable = sum(p.numel() for n, p in lora_model.named_parameters() if n.endswith(("lora_A", "lora_B")))
     base_row, _ = run("base", **default)
     lora_row, _ = run("LoRA unmerged", net=lora_model, **default)
@@ -158,11 +174,9 @@ def main(argv=None):
         report["samplers"].append(dict(run("DDIM-50, torch.compile", net=torch.compile(model, dynamic=False),
                                            **default)[0], compiled=True))
         write()
-    for spec in args.samplers.split(","):  # e.g. "ddim-50" or "ddpm-1000@100" (100 per digit)
-        spec, _, per_digit = spec.partition("@")
-        sampler, steps = spec.split("-")
-        row, _ = run(f"{sampler.upper()}-{steps}", per_digit=int(per_digit or args.per_digit), sampler=sampler,
-                     steps=int(steps), guidance=args.guidance)
+    for sampler, steps, per_digit in samplers:
+        row, _ = run(f"{sampler.upper()}-{steps}", per_digit=per_digit or args.per_digit, sampler=sampler,
+                     steps=steps, guidance=args.guidance)
         report["samplers"].append(row)
         eager = [r for r in report["samplers"] if "compiled" not in r]
         save_steps_plot(os.path.join(args.figures, "steps.png"), eager)

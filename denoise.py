@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import load_model
-from model.cli import Parser, UserError, autocast, check_writable, pick_device, positive_int, run_cli
+from model.cli import Parser, UserError, autocast, check_writable, fraction, pick_device, positive_int, run_cli
 from model.data import to_uint8
 from model.diffusion import sample_in_batches
 from model.figures import save_grid
@@ -30,8 +30,8 @@ def parse_digits(text):
     digits = []
     try:
         for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            digits += range(int(lo), int(hi or lo) + 1)
+            lo, dash, hi = part.strip().partition("-")
+            digits += range(int(lo), int(hi if dash else lo) + 1)
     except ValueError:
         raise UserError(f"--digits: expected digits like 0-9 or 1,4,7, got {text!r}")
     bad = [d for d in digits if not 0 <= d <= 9]
@@ -64,6 +64,14 @@ def resolve_interval(interval, diffusion):
         return diffusion.steps_with_sigma(*GUIDANCE_SIGMAS)
     except ValueError as e:
         raise UserError(f"--guidance-interval auto: {e}; give the steps as FIRST,LAST or use all")
+
+
+def sampling_settings(args, interval, diffusion):
+    """Diffusion.sample's keyword arguments from the command line, checked against the model's schedule."""
+    if not 1 <= args.steps <= diffusion.T:
+        raise UserError(f"--steps must be between 1 and T = {diffusion.T}, got {args.steps}")
+    return dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
+                guidance_interval=resolve_interval(interval, diffusion))
 
 
 def describe(sampler, steps, guidance, guidance_interval=None, **_):
@@ -112,7 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--digits", default="0-9", help="which digits, e.g. 0-9, 3 or 1,4,7")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="reverse process")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (at most T, e.g. 1000)")
-    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
+    p.add_argument("--eta", type=fraction, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
     p.add_argument("--guidance", type=float, default=1.5,
                    help="classifier-free guidance scale s (1 = plain conditional, >1 = stronger)")
     p.add_argument("--guidance-interval", default="auto",
@@ -144,19 +152,14 @@ def main(argv=None):
     for path in [out, process, args.export, args.compare and args.compare_out]:
         if path:
             check_writable(path)
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        raise UserError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {args.eta}")
     interval = parse_interval(args.guidance_interval)
     if args.export and not args.export.endswith(".npz"):
         raise UserError(f"--export writes a NumPy .npz file; got {args.export}")
     device = pick_device(args.device)
 
     model, diffusion = load_sampler(args.ckpt, device, args.weights)
-    if not 1 <= args.steps <= diffusion.T:
-        raise UserError(f"--steps must be between 1 and T = {diffusion.T}")
+    sampling = sampling_settings(args, interval, diffusion)
     labels = torch.tensor(digits, device=device).repeat_interleave(args.per_digit)  # [D * per_digit]
-    sampling = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                    guidance_interval=resolve_interval(interval, diffusion))
 
     def draw(net):
         return generate(net, diffusion, labels, seed=args.seed, batch_size=args.batch_size, **sampling)

@@ -14,9 +14,9 @@ import os
 import numpy as np
 import torch
 
-from denoise import describe, generate, load_sampler, parse_digits, parse_interval, resolve_interval
+from denoise import describe, generate, load_sampler, parse_digits, parse_interval, sampling_settings
 from model.checkpoint import load_file, save_file
-from model.cli import Parser, UserError, pick_device, positive_int, run_cli, seed_everything
+from model.cli import Parser, UserError, check_writable, fraction, pick_device, positive_int, run_cli, seed_everything
 from model.data import load_mnist
 from model.metrics import Classifier, classify, frechet_distance, score, train_classifier
 
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--digits", default="0-9", help="with --ckpt: which digits")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="with --ckpt: reverse process")
     p.add_argument("--steps", type=positive_int, default=50, help="with --ckpt: denoising steps")
-    p.add_argument("--eta", type=float, help="with --ckpt: DDIM noise (default 0)")
+    p.add_argument("--eta", type=fraction, help="with --ckpt: DDIM noise (default 0)")
     p.add_argument("--guidance", type=float, default=1.5, help="with --ckpt: classifier-free guidance scale")
     p.add_argument("--guidance-interval", default="auto",
                    help="with --ckpt: steps where guidance acts: auto, all, or FIRST,LAST (see denoise.py --help)")
@@ -118,6 +118,12 @@ def load_samples(path, device):
 def main(argv=None):
     args = parse_args(argv)
     interval = parse_interval(args.guidance_interval)
+    if args.samples and args.lora:
+        raise UserError("--lora samples from a checkpoint: use it with --ckpt, not --samples")
+    if args.lora_scale != 1.0 and not args.lora:
+        raise UserError("--lora-scale needs an adapter: add --lora PATH")
+    if not os.path.exists(args.classifier):
+        check_writable(args.classifier)  # it will be trained and cached there: fail now, not after training
     device = pick_device(args.device)
     seed_everything(args.seed)
     if args.samples:
@@ -125,12 +131,13 @@ def main(argv=None):
         title = f"{len(images):,} samples from {args.samples}"
     else:
         model, diffusion = load_sampler(args.ckpt, device, lora=args.lora, lora_scale=args.lora_scale)
+        sampling = sampling_settings(args, interval, diffusion)
         labels = torch.tensor(parse_digits(args.digits), device=device).repeat_interleave(args.per_digit)
-        sampling = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                        guidance_interval=resolve_interval(interval, diffusion))
         images = generate(model, diffusion, labels, seed=args.seed, batch_size=args.batch_size, **sampling)
         source = args.ckpt + (f" + {args.lora}" if args.lora else "")
         title = f"{len(images):,} samples from {source} ({describe(**sampling)})"
+    if len(images) < 2:
+        raise UserError(f"FID needs at least 2 samples, got {len(images)}")
     judge = Judge(args.classifier, args.data_dir, device)
     result = judge(images, labels)
     result["classifier_test_accuracy"] = judge.test_accuracy

@@ -14,7 +14,8 @@ import time
 import torch
 
 from model.checkpoint import fingerprint, load_model
-from model.cli import Parser, UserError, check_writable, pick_device, positive_int, run_cli, seed_everything
+from model.cli import (Parser, UserError, check_writable, fraction, pick_device, positive_float, positive_int,
+                       run_cli, seed_everything)
 from model.data import load_mnist
 from model.ema import EMA
 from model.figures import save_loss_curve
@@ -28,15 +29,15 @@ def parse_args(argv=None):
     p.add_argument("--out", default="checkpoints/lora.pt", help="adapter file to write (and to --resume)")
     p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha; the update is scaled by alpha / r")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    p.add_argument("--dropout", type=fraction, default=0.0, help="dropout on the adapter's input")
     p.add_argument("--targets", default="w_q,w_k,w_v", help="names of the nn.Linear layers to adapt")
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (torchvision's layout)")
     p.add_argument("--epochs", type=positive_int, default=3, help="passes over the training images")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps in all")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the adapter (AdamW)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate of the adapter (AdamW)")
     p.add_argument("--batch-size", type=positive_int, default=512, help="images per optimizer step")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the adapter's moving average")
-    p.add_argument("--p-uncond", type=float, default=0.1, help="null-label probability, as in training")
+    p.add_argument("--ema-decay", type=fraction, default=0.999, help="decay of the adapter's moving average")
+    p.add_argument("--p-uncond", type=fraction, default=0.1, help="null-label probability, as in training")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for the adapter's init, data order and noise")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning saved at --out")

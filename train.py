@@ -12,7 +12,8 @@ import time
 import torch
 
 from model.checkpoint import load_model, save_model
-from model.cli import Parser, UserError, check_writable, pick_device, positive_int, run_cli, seed_everything
+from model.cli import (Parser, UserError, check_writable, fraction, pick_device, positive_float, positive_int,
+                       run_cli, seed_everything)
 from model.data import load_mnist
 from model.diffusion import Diffusion
 from model.ema import EMA
@@ -27,7 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="checkpoints/model.pt", help="checkpoint to write (and to --resume)")
     p.add_argument("--epochs", type=positive_int, default=12, help="passes over the 60,000 training images")
     p.add_argument("--batch-size", type=positive_int, default=512, help="images per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW; warm-up, then cosine)")
+    p.add_argument("--lr", type=positive_float, default=2e-3,
+                   help="peak learning rate (AdamW; warm-up, then cosine)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps in all")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
@@ -35,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--channels", default=",".join(map(str, DEFAULT_CONFIG["channels"])),
                    help="UNet widths at 28x28, 14x14 and 7x7, comma-separated")
     p.add_argument("--T", type=positive_int, default=1000, help="number of diffusion steps")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' moving average")
-    p.add_argument("--p-uncond", type=float, default=0.1,
+    p.add_argument("--ema-decay", type=fraction, default=0.999, help="decay of the weights' moving average")
+    p.add_argument("--p-uncond", type=fraction, default=0.1,
                    help="probability of training on the null label (for classifier-free guidance)")
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
                    help="Min-SNR-gamma loss weight min(SNR_t, gamma)/SNR_t (0 = the plain DDPM loss)")
@@ -115,7 +117,7 @@ def main(argv=None):
 
 def save_forward_noising(diffusion, images, labels, path):
     """One training digit of each of three classes at t = 0 .. T-1: the forward process made visible."""
-    ts = [0, 50, 100, 200, 300, 500, 700, diffusion.T - 1]
+    ts = [t for t in (0, 50, 100, 200, 300, 500, 700) if t < diffusion.T - 1] + [diffusion.T - 1]
     picks = [int((labels == d).nonzero()[0]) for d in (0, 3, 7) if (labels == d).any()]
     x_0 = images[picks].cpu()                                       # [3, 1, 28, 28]
     gen = torch.Generator().manual_seed(0)

@@ -10,9 +10,11 @@ import torch
 
 import bench
 import denoise
+import evaluate
 import lora_finetune
 import train
 from model.checkpoint import load_model
+from model.cli import UserError
 from model import trainer
 from model.diffusion import Diffusion
 
@@ -34,6 +36,14 @@ def test_train_writes_checkpoint_and_figures_and_resumes(data_dir, tmp_path):
     _train(data_dir, tmp_path, "--max-steps", "6", "--resume")  # 64 images / 16 = 4 steps an epoch
     _, _, ckpt = load_model(out)
     assert ckpt["step"] == 6 and len(ckpt["losses"]) == 6
+
+
+def test_a_short_schedule_trains_and_samples(data_dir, tmp_path):
+    """--T below the forward-process figure's fixed steps (0 .. 700) still works, and sampling follows T."""
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1", "--T", "20")
+    out = denoise.main(["--ckpt", ckpt, "--steps", "20", "--per-digit", "1", "--digits", "3", "--device", "cpu",
+                        "--guidance-interval", "all", "--out", str(tmp_path / "s.png"), "--process", ""])
+    assert out["images"].shape == (1, 28, 28)
 
 
 def test_resume_sees_the_same_batches_as_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
@@ -138,6 +148,44 @@ def test_bad_inputs_are_one_line_errors(data_dir, tmp_path):
                     "MNIST not found")
     _one_line_error(_cli("lora_finetune.py", "--base", str(tmp_path / "nope.pt")), "checkpoint not found")
     _one_line_error(_cli("train.py", "--min-snr-gamma", "-1", "--out", str(tmp_path / "x.pt")), "--min-snr-gamma")
+
+
+def _refused(main, argv, match, capsys):
+    """main(argv) stops before doing any work, with an error that names the problem.
+
+    In-process (a subprocess costs seconds of `import torch`): a UserError is what run_cli prints as one
+    `error:` line; a usage error is argparse's exit 2 with one line on stderr.
+    """
+    capsys.readouterr()  # forget earlier output (progress bars)
+    try:
+        main(argv)
+    except UserError as e:
+        assert match in str(e), str(e)
+        return
+    except SystemExit as e:
+        err = capsys.readouterr().err.strip()
+        assert e.code == 2 and len(err.splitlines()) == 1 and match in err, err
+        return
+    raise AssertionError(f"{argv} was accepted")
+
+
+def test_bad_values_are_refused_before_any_work(data_dir, tmp_path, capsys):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    out = ["--out", str(tmp_path / "never.pt")]
+    _refused(train.main, ["--lr", "-1", *out], "--lr", capsys)
+    _refused(train.main, ["--ema-decay", "1.5", *out], "--ema-decay", capsys)
+    _refused(train.main, ["--p-uncond", "x", *out], "--p-uncond", capsys)
+    _refused(lora_finetune.main, ["--base", ckpt, "--dropout", "2", *out], "--dropout", capsys)
+    sample = ["--ckpt", ckpt, "--device", "cpu", "--classifier", str(tmp_path / "c.pt"), "--data-dir", data_dir]
+    _refused(evaluate.main, [*sample, "--steps", "2000"], "--steps must be between 1 and T = 1000", capsys)
+    _refused(evaluate.main, [*sample, "--eta", "5"], "--eta", capsys)
+    _refused(evaluate.main, [*sample, "--lora-scale", "0.5"], "--lora", capsys)
+    _refused(evaluate.main, [*sample, "--digits", "3", "--per-digit", "1"], "at least 2 samples", capsys)
+    _refused(denoise.main, ["--ckpt", ckpt, "--digits", "1-"], "--digits", capsys)
+    bench_args = ["--skip-train", "--ckpt", ckpt, "--lora", str(tmp_path / "none.pt"), "--device", "cpu"]
+    _refused(bench.main, [*bench_args, "--samplers", "ddim-50,dpm-10"], "--samplers", capsys)
+    _refused(bench.main, [*bench_args, "--samplers", "ddim-2000"], "checkpoint not found", capsys)  # no adapter
+    assert not (tmp_path / "never.pt").exists() and not (tmp_path / "c.pt").exists()
 
 
 def test_corrupt_data_is_a_one_line_error(tmp_path):
