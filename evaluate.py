@@ -5,8 +5,9 @@
     python evaluate.py --samples samples.npz                          # score denoise.py --export output
 
 The classifier is trained once (a few seconds on a GPU, several minutes on a CPU) and cached at
---classifier. Metrics are explained in model/metrics.py. The "real-data floor" is the FID of as many real
-training images as there are samples, against the test set: the best a perfect generator could score.
+--classifier. Metrics are explained in model/metrics.py. FID is measured against the test set weighted to
+the samples' digits; the "real-data floor" is the FID of real training images with the samples' labels,
+scored the same way: what a perfect generator would score.
 """
 import json
 import os
@@ -18,9 +19,10 @@ from denoise import describe, generate, load_sampler, parse_digits, parse_interv
 from model.checkpoint import load_file, save_file
 from model.cli import Parser, UserError, check_writable, fraction, pick_device, positive_int, run_cli, seed_everything
 from model.data import load_mnist
-from model.metrics import Classifier, classify, frechet_distance, score, train_classifier
+from model.metrics import Classifier, classify, frechet_distance, label_weights, score, train_classifier
 
 CLASSIFIER_KIND = "mnist-classifier"
+FLOOR_DRAWS = 5
 
 
 def get_classifier(path, data_dir, device, epochs=4):
@@ -40,28 +42,37 @@ def get_classifier(path, data_dir, device, epochs=4):
 
 
 class Judge:
-    """The classifier plus the test set's features and the real-data floor, computed once per sample size."""
+    """The classifier, the test set's features, and real-data floors (computed once per label mix)."""
 
     def __init__(self, classifier_path, data_dir, device):
         self.classifier, self.test_accuracy = get_classifier(classifier_path, data_dir, device)
-        self.train_images, _ = load_mnist(data_dir, train=True, device=device)
-        test_images, _ = load_mnist(data_dir, train=False, device=device)
+        self.train_images, self.train_labels = load_mnist(data_dir, train=True, device=device)
+        test_images, self.test_labels = load_mnist(data_dir, train=False, device=device)
         self.test_features = classify(self.classifier, test_images)[1]
         self._floors = {}
 
-    def floor(self, n):
-        """FID of n random real training images against the test set."""
-        if n not in self._floors:
-            n_real = min(n, len(self.train_images))
-            pick = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(0))[:n_real]
-            feats = classify(self.classifier, self.train_images[pick.to(self.train_images.device)])[1]
-            self._floors[n] = frechet_distance(feats, self.test_features)
-        return self._floors[n]
+    def floor(self, labels, draws=FLOOR_DRAWS):
+        """What a perfect generator would score: real training images with the same labels as the samples,
+        scored against the same weighted test set. The mean of `draws` random draws: one draw of 10,000
+        varies by about 10%, too much for the denominator of a ratio."""
+        counts = torch.bincount(labels, minlength=10).tolist()
+        if tuple(counts) not in self._floors:
+            weights = label_weights(labels, self.test_labels)
+            by_digit = [(self.train_labels == d).nonzero().flatten() for d in range(len(counts))]
+            generator = torch.Generator().manual_seed(0)
+            fids = []
+            for _ in range(draws):
+                pick = torch.cat([idx[torch.randperm(len(idx), generator=generator)[:n].to(idx.device)]
+                                  for idx, n in zip(by_digit, counts)])
+                features = classify(self.classifier, self.train_images[pick])[1]
+                fids.append(frechet_distance(features, self.test_features, weights))
+            self._floors[tuple(counts)] = sum(fids) / draws
+        return self._floors[tuple(counts)]
 
     def __call__(self, images, labels):
-        """Scores samples [N,1,28,28] in [-1,1] with labels [N]; adds the floor for N samples."""
-        result = score(self.classifier, images, labels, self.test_features)
-        result["fid_floor"] = self.floor(len(images))
+        """Scores samples [N,1,28,28] in [-1,1] with labels [N]; adds the floor for the same labels."""
+        result = score(self.classifier, images, labels, self.test_features, self.test_labels)
+        result["fid_floor"] = self.floor(labels)
         return result
 
 
@@ -112,6 +123,8 @@ def load_samples(path, device):
         raise UserError(f"cannot read {path} as denoise.py --export output ({type(e).__name__}: {e})")
     if images.dtype != torch.uint8 or images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise UserError(f"{path}: expected uint8 images [N,28,28] and labels [N]")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
+        raise UserError(f"{path}: labels must be digits 0-9")
     return images.to(device).unsqueeze(1).float() / 127.5 - 1, labels.to(device)
 
 

@@ -11,8 +11,18 @@
 
     It measures whether the samples are distributed like real digits -- diversity as well as quality.
     Inception-v3 features would be the ImageNet convention; on 28x28 digits an MNIST classifier's own
-    features are the meaningful space. The number means little alone, so we report it beside the
-    "real-data floor": the same FID for as many real *training* images against the test set.
+    features are the meaningful space.
+
+The reference must hold the same digits as the samples. The test set is not balanced (892 fives, 1,135
+ones), while we ask for 1,000 of each; and in a classifier's features every digit is its own tight cluster,
+so the mix of digits alone moves the mean and covariance. Measured (a classifier trained on a 2-core CPU,
+13 draws): real training images, 1,000 per digit, score 3.97 +- 0.22 against the test set as it is and
+3.25 +- 0.22 against the test set weighted to the same mix. So the test set is weighted, image by image,
+to the samples' label mix (`label_weights`); a run of one digit is then compared with real images of that
+digit only (1,000 real threes score 2,071 against the whole test set, 9.6 against its threes).
+
+The number means little alone, so we report it beside the "real-data floor": the same FID for real
+*training* images with the same labels as the samples -- what a perfect generator would score.
 """
 import torch
 import torch.nn as nn
@@ -87,19 +97,38 @@ def _sqrtm_psd(c):
     return (v * w.clamp(min=0).sqrt()) @ v.T
 
 
-def frechet_distance(f1, f2):
-    """FID between two feature sets [N1, D] and [N2, D] (float64)."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    c1, c2 = torch.cov(f1.T), torch.cov(f2.T)
+def gaussian(features, weights=None):
+    """Mean [D] and covariance [D, D] of features [N, D]; with weights [N], of the weighted set."""
+    if weights is None:
+        return features.mean(0), torch.cov(features.T)
+    return weights @ features / weights.sum(), torch.cov(features.T, aweights=weights)
+
+
+def label_weights(labels, reference_labels):
+    """Weights [M] that give a reference set with labels [M] the label mix of samples with labels [N].
+
+    Image i of the reference weighs (share of its digit among the samples) / (count of its digit in the
+    reference); digits the samples do not ask for weigh 0.
+    """
+    n_classes = int(max(labels.max(), reference_labels.max())) + 1
+    share = torch.bincount(labels, minlength=n_classes).double() / len(labels)
+    count = torch.bincount(reference_labels, minlength=n_classes).double()
+    return (share / count.clamp(min=1))[reference_labels]
+
+
+def frechet_distance(f1, f2, weights2=None):
+    """FID between feature sets [N1, D] and [N2, D] (float64); `weights2` [N2] weighs the second set."""
+    (mu1, c1), (mu2, c2) = gaussian(f1), gaussian(f2, weights2)
     s1 = _sqrtm_psd(c1)
     cross = _sqrtm_psd(s1 @ c2 @ s1)  # (S1^1/2 S2 S1^1/2)^1/2 has the trace of (S1 S2)^1/2
     return float((mu1 - mu2).pow(2).sum() + torch.trace(c1) + torch.trace(c2) - 2 * torch.trace(cross))
 
 
-def score(model, images, labels, reference_features):
-    """Class accuracy (overall and per digit) and FID against reference features, for samples in [-1,1]."""
+def score(model, images, labels, reference_features, reference_labels):
+    """Class accuracy (overall and per digit) of samples in [-1,1], and their FID against reference features
+    weighted to the samples' label mix."""
     preds, feats = classify(model, images)
     correct = (preds == labels).double()
     per_digit = {d: float(correct[labels == d].mean()) for d in labels.unique().tolist()}
-    return dict(accuracy=float(correct.mean()), per_digit=per_digit,
-                fid=frechet_distance(feats, reference_features), n=len(images))
+    fid = frechet_distance(feats, reference_features, label_weights(labels, reference_labels))
+    return dict(accuracy=float(correct.mean()), per_digit=per_digit, fid=fid, n=len(images))
