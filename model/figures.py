@@ -47,7 +47,7 @@ def save_grid(path, panels, row_labels, col_labels=None, title=None):
         if len(panels) > 1 or name:
             ax.set_title(name)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, wrap=True)  # a long title breaks into lines instead of running off the figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
