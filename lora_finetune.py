@@ -36,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps in all")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate of the adapter (AdamW)")
     p.add_argument("--batch-size", type=positive_int, default=512, help="images per optimizer step")
-    p.add_argument("--ema-decay", type=fraction, default=0.999, help="decay of the adapter's moving average")
+    p.add_argument("--ema-decay", type=fraction, default=0.999,
+                   help="cap on the decay of the adapter's moving average; below it the decay is (1+k)/(10+k) at "
+                        "step k, which reaches 0.999 only at step 8,990 (model/ema.py)")
     p.add_argument("--p-uncond", type=fraction, default=0.1, help="null-label probability, as in training")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for the adapter's init, data order and noise")

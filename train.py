@@ -37,7 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--channels", default=",".join(map(str, DEFAULT_CONFIG["channels"])),
                    help="UNet widths at 28x28, 14x14 and 7x7, comma-separated")
     p.add_argument("--T", type=positive_int, default=1000, help="number of diffusion steps")
-    p.add_argument("--ema-decay", type=fraction, default=0.999, help="decay of the weights' moving average")
+    p.add_argument("--ema-decay", type=fraction, default=0.999,
+                   help="cap on the decay of the weights' moving average; below it the decay is (1+k)/(10+k) at "
+                        "step k, which reaches 0.999 only at step 8,990 (model/ema.py)")
     p.add_argument("--p-uncond", type=fraction, default=0.1,
                    help="probability of training on the null label (for classifier-free guidance)")
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
