@@ -182,6 +182,9 @@ def test_bad_values_are_refused_before_any_work(data_dir, tmp_path, capsys):
     _refused(evaluate.main, [*sample, "--lora-scale", "0.5"], "--lora", capsys)
     _refused(evaluate.main, [*sample, "--digits", "3", "--per-digit", "1"], "at least 2 samples", capsys)
     _refused(denoise.main, ["--ckpt", ckpt, "--digits", "1-"], "--digits", capsys)
+    np.savez_compressed(tmp_path / "bad.npz", images=np.zeros((2, 28, 28), np.uint8), labels=np.array([3, 12]))
+    _refused(evaluate.main, ["--samples", str(tmp_path / "bad.npz"), "--classifier", str(tmp_path / "c.pt")],
+             "labels must be digits 0-9", capsys)
     bench_args = ["--skip-train", "--ckpt", ckpt, "--lora", str(tmp_path / "none.pt"), "--device", "cpu"]
     _refused(bench.main, [*bench_args, "--samplers", "ddim-50,dpm-10"], "--samplers", capsys)
     _refused(bench.main, [*bench_args, "--samplers", "ddim-2000"], "checkpoint not found", capsys)  # no adapter
