@@ -119,9 +119,13 @@ def label_weights(labels, reference_labels):
 def frechet_distance(f1, f2, weights2=None):
     """FID between feature sets [N1, D] and [N2, D] (float64); `weights2` [N2] weighs the second set."""
     (mu1, c1), (mu2, c2) = gaussian(f1), gaussian(f2, weights2)
-    s1 = _sqrtm_psd(c1)
-    cross = _sqrtm_psd(s1 @ c2 @ s1)  # (S1^1/2 S2 S1^1/2)^1/2 has the trace of (S1 S2)^1/2
-    return float((mu1 - mu2).pow(2).sum() + torch.trace(c1) + torch.trace(c2) - 2 * torch.trace(cross))
+    # Tr (S1^1/2 S2 S1^1/2)^1/2 is the sum of the singular values of S1^1/2 S2^1/2, whose product with its
+    # transpose is that matrix. Singular values, not square roots of eigenvalues: with fewer samples than
+    # dimensions a covariance is rank-deficient, and the square root of an eigenvalue that should be 0 but is
+    # 1e-9 from rounding adds 3e-5 for each such direction (-0.001 for two identical sets of 64), while a
+    # singular value that should be 0 comes out at 1e-13.
+    cross = torch.linalg.svdvals(_sqrtm_psd(c1) @ _sqrtm_psd(c2)).sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(c1) + torch.trace(c2) - 2 * cross)
 
 
 def score(model, images, labels, reference_features, reference_labels):
