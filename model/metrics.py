@@ -119,11 +119,11 @@ def label_weights(labels, reference_labels):
 def frechet_distance(f1, f2, weights2=None):
     """FID between feature sets [N1, D] and [N2, D] (float64); `weights2` [N2] weighs the second set."""
     (mu1, c1), (mu2, c2) = gaussian(f1), gaussian(f2, weights2)
-    # Tr (S1^1/2 S2 S1^1/2)^1/2 is the sum of the singular values of S1^1/2 S2^1/2, whose product with its
-    # transpose is that matrix. Singular values, not square roots of eigenvalues: with fewer samples than
-    # dimensions a covariance is rank-deficient, and the square root of an eigenvalue that should be 0 but is
-    # 1e-9 from rounding adds 3e-5 for each such direction (-0.001 for two identical sets of 64), while a
-    # singular value that should be 0 comes out at 1e-13.
+    # Tr (S1^1/2 S2 S1^1/2)^1/2 is the sum of the singular values of S1^1/2 S2^1/2 (that matrix times its
+    # transpose is S1^1/2 S2 S1^1/2). Why singular values, not square roots of eigenvalues: with fewer samples
+    # than dimensions a covariance is rank-deficient, and an eigenvalue that should be 0 comes out as a
+    # rounding error whose square root is far larger. Two identical sets of 64 features in 128-d scored
+    # -0.001 that way and 3e-11 this way; on full-rank sets the two agree to 1e-12 relative.
     cross = torch.linalg.svdvals(_sqrtm_psd(c1) @ _sqrtm_psd(c2)).sum()
     return float((mu1 - mu2).pow(2).sum() + torch.trace(c1) + torch.trace(c2) - 2 * cross)
 
