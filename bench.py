@@ -22,11 +22,11 @@ import torch  # noqa: E402
 
 import lora_finetune  # noqa: E402
 import train  # noqa: E402
-from denoise import describe, generate, load_sampler, parse_interval, resolve_interval  # noqa: E402
-from evaluate import FLOOR_DRAWS, Judge  # noqa: E402
 from model.cli import Parser, UserError, pick_device, positive_int, run_cli  # noqa: E402
 from model.figures import save_grid  # noqa: E402
 from model.lora import merge_lora  # noqa: E402
+from model.metrics import FLOOR_DRAWS, Judge  # noqa: E402
+from model.sampling import describe, generate, load_sampler, parse_interval, resolve_interval  # noqa: E402
 
 SAMPLERS = "ddim-50,ddim-20,ddim-10,ddim-100,ddpm-1000"
 GUIDANCE = [1.0, 1.5, 2.0, 3.0, 5.0]

@@ -17,94 +17,12 @@ import time
 import numpy as np
 import torch
 
-from model.checkpoint import load_model
-from model.cli import Parser, UserError, autocast, check_writable, fraction, pick_device, positive_int, run_cli
+from model.cli import (Parser, UserError, autocast, check_writable, fraction, parse_digits, pick_device, positive_int,
+                       run_cli)
 from model.data import to_uint8
-from model.diffusion import sample_in_batches
 from model.figures import save_grid
 from model.lora import load_lora, merge_lora, set_lora
-
-
-def parse_digits(text):
-    """'0-9', '3', '1,4,7' or '0-4,9' -> [digits]; anything outside 0-9 is a UserError."""
-    digits = []
-    try:
-        for part in text.split(","):
-            lo, dash, hi = part.strip().partition("-")
-            digits += range(int(lo), int(hi if dash else lo) + 1)
-    except ValueError:
-        raise UserError(f"--digits: expected digits like 0-9 or 1,4,7, got {text!r}")
-    bad = [d for d in digits if not 0 <= d <= 9]
-    if bad or not digits:
-        raise UserError(f"--digits: MNIST digits are 0-9, got {text!r}")
-    return digits
-
-
-GUIDANCE_SIGMAS = (0.28, 5.42)  # guide where sigma_t is in (0.28, 5.42]: Kynkaanniemi et al. 2024, ImageNet
-
-
-def parse_interval(text):
-    """'auto' -> 'auto' (resolved by resolve_interval); 'all' -> None (every step); '82,578' -> (82, 578)."""
-    if text.strip().lower() in ("auto", "all"):
-        return None if text.strip().lower() == "all" else "auto"
-    try:
-        lo, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--guidance-interval: expected auto, all or two steps like 82,578; got {text!r}")
-    if not 0 <= lo <= hi:
-        raise UserError(f"--guidance-interval: need 0 <= first <= second, got {text!r}")
-    return lo, hi
-
-
-def resolve_interval(interval, diffusion):
-    """'auto' -> the steps of this schedule with sigma_t in GUIDANCE_SIGMAS ([82, 578] for T = 1000)."""
-    if interval != "auto":
-        return interval
-    try:
-        return diffusion.steps_with_sigma(*GUIDANCE_SIGMAS)
-    except ValueError as e:
-        raise UserError(f"--guidance-interval auto: {e}; give the steps as FIRST,LAST or use all")
-
-
-def sampling_settings(args, interval, diffusion):
-    """Diffusion.sample's keyword arguments from the command line, checked against the model's schedule."""
-    if not 1 <= args.steps <= diffusion.T:
-        raise UserError(f"--steps must be between 1 and T = {diffusion.T}, got {args.steps}")
-    return dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                guidance_interval=resolve_interval(interval, diffusion))
-
-
-def describe(sampler, steps, guidance, guidance_interval=None, **_):
-    """A short human name for a sampling setting, e.g. 'DDIM-50, guidance 1.5 on t in [82, 578]'."""
-    name = f"{sampler.upper()}-{steps}, guidance {guidance:g}"
-    if guidance != 1 and guidance_interval is not None:
-        name += f" on t in [{guidance_interval[0]}, {guidance_interval[1]}]"
-    return name
-
-
-def load_sampler(ckpt, device, weights="ema", lora=None, lora_scale=1.0, merge=False):
-    """The model to sample from: a checkpoint's weights, optionally with a LoRA adapter (blended/merged)."""
-    model, diffusion, _ = load_model(ckpt, device, weights=weights)
-    model.eval()
-    if lora:
-        load_lora(model, lora, device)
-        set_lora(model, enabled=True, scale=lora_scale)
-        if merge:
-            merge_lora(model)
-    return model, diffusion
-
-
-def generate(model, diffusion, labels, steps=50, sampler="ddim", eta=None, guidance=1.0, seed=0,
-             batch_size=1000, **extra):
-    """One sample per label [N], reproducible from `seed`; bf16 autocast on CUDA.
-
-    `extra` goes on to Diffusion.sample, e.g. guidance_interval=(82, 578).
-    """
-    device = labels.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with autocast(device):
-        return sample_in_batches(diffusion, model, labels, batch_size, generator, steps=steps, sampler=sampler,
-                                 eta=eta, guidance=guidance, **extra)
+from model.sampling import describe, generate, load_sampler, parse_interval, sampling_settings
 
 
 def parse_args(argv=None):

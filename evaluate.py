@@ -15,65 +15,10 @@ import os
 import numpy as np
 import torch
 
-from denoise import describe, generate, load_sampler, parse_digits, parse_interval, sampling_settings
-from model.checkpoint import load_file, save_file
-from model.cli import Parser, UserError, check_writable, fraction, pick_device, positive_int, run_cli, seed_everything
-from model.data import load_mnist
-from model.metrics import Classifier, classify, frechet_distance, label_weights, score, train_classifier
-
-CLASSIFIER_KIND = "mnist-classifier"
-FLOOR_DRAWS = 5
-
-
-def get_classifier(path, data_dir, device, epochs=4):
-    """Load the cached classifier, or train it on MNIST train and cache it. Returns (model, test accuracy)."""
-    if os.path.exists(path):
-        ckpt = load_file(path, CLASSIFIER_KIND, device)
-        model = Classifier().to(device)
-        model.load_state_dict(ckpt["model"])
-        return model.eval(), ckpt["test_accuracy"]
-    images, labels = load_mnist(data_dir, train=True, device=device)
-    model = train_classifier(images, labels, epochs=epochs)
-    test_images, test_labels = load_mnist(data_dir, train=False, device=device)
-    accuracy = float((classify(model, test_images)[0] == test_labels).float().mean())
-    save_file(dict(kind=CLASSIFIER_KIND, model=model.state_dict(), test_accuracy=accuracy), path)
-    print(f"trained the classifier: {100 * accuracy:.2f}% on MNIST test; cached at {path}")
-    return model, accuracy
-
-
-class Judge:
-    """The classifier, the test set's features, and real-data floors (computed once per label mix)."""
-
-    def __init__(self, classifier_path, data_dir, device):
-        self.classifier, self.test_accuracy = get_classifier(classifier_path, data_dir, device)
-        self.train_images, self.train_labels = load_mnist(data_dir, train=True, device=device)
-        test_images, self.test_labels = load_mnist(data_dir, train=False, device=device)
-        self.test_features = classify(self.classifier, test_images)[1]
-        self._floors = {}
-
-    def floor(self, labels, draws=FLOOR_DRAWS):
-        """What a perfect generator would score: real training images with the same labels as the samples,
-        scored against the same weighted test set. The mean of `draws` random draws: one draw of 10,000
-        varies by about 7% (3.25 +- 0.22 in model/metrics.py), too much for the denominator of a ratio."""
-        counts = torch.bincount(labels, minlength=10).tolist()
-        if tuple(counts) not in self._floors:
-            weights = label_weights(labels, self.test_labels)
-            by_digit = [(self.train_labels == d).nonzero().flatten() for d in range(len(counts))]
-            generator = torch.Generator().manual_seed(0)
-            fids = []
-            for _ in range(draws):
-                pick = torch.cat([idx[torch.randperm(len(idx), generator=generator)[:n].to(idx.device)]
-                                  for idx, n in zip(by_digit, counts)])
-                features = classify(self.classifier, self.train_images[pick])[1]
-                fids.append(frechet_distance(features, self.test_features, weights))
-            self._floors[tuple(counts)] = sum(fids) / draws
-        return self._floors[tuple(counts)]
-
-    def __call__(self, images, labels):
-        """Scores samples [N,1,28,28] in [-1,1] with labels [N]; adds the floor for the same labels."""
-        result = score(self.classifier, images, labels, self.test_features, self.test_labels)
-        result["fid_floor"] = self.floor(labels)
-        return result
+from model.cli import (Parser, UserError, check_writable, fraction, parse_digits, pick_device, positive_int, run_cli,
+                       seed_everything)
+from model.metrics import Judge
+from model.sampling import describe, generate, load_sampler, parse_interval, sampling_settings
 
 
 def format_report(result, title):

@@ -10,7 +10,8 @@ Read the package as a tutorial, one chapter per file:
     trainer.py     the training loop shared by train.py and lora_finetune.py
     lora.py        low-rank adaptation of the attention projections
     checkpoint.py  saving and loading models and adapters
-    metrics.py     class accuracy and FID, for evaluate.py and bench.py
+    sampling.py    drawing digits from a checkpoint: seeded batches, bf16, the default guidance interval
+    metrics.py     class accuracy and FID, the classifier they use, and the real-data floor
     figures.py     digit grids and loss curves
     cli.py         what the scripts share: devices, seeds and one-line errors
 """

@@ -121,3 +121,18 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def parse_digits(text):
+    """'0-9', '3', '1,4,7' or '0-4,9' -> [digits]; anything outside 0-9 is a UserError."""
+    digits = []
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            digits += range(int(lo), int(hi if dash else lo) + 1)
+    except ValueError:
+        raise UserError(f"--digits: expected digits like 0-9 or 1,4,7, got {text!r}")
+    bad = [d for d in digits if not 0 <= d <= 9]
+    if bad or not digits:
+        raise UserError(f"--digits: MNIST digits are 0-9, got {text!r}")
+    return digits

@@ -193,12 +193,3 @@ def guided_eps(model, x_t, t, y, guidance=1.0):
     eps_y, eps_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
     return eps_null + guidance * (eps_y - eps_null)
 
-
-def sample_in_batches(diffusion, model, labels, batch_size=1000, generator=None, **kwargs):
-    """Sample one image per label in `labels` [N], `batch_size` at a time (memory stays bounded).
-
-    Batching is what makes sampling fast: 10,000 digits at batch 1,000 are 10 passes down the chain, not
-    10,000. Drawing from one generator in order makes the result depend only on the seed and batch size.
-    """
-    out = [diffusion.sample(model, y, generator=generator, **kwargs) for y in labels.split(batch_size)]
-    return torch.cat(out)

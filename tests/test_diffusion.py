@@ -162,7 +162,7 @@ def test_guidance_outside_its_interval_is_plain_conditional_sampling(tiny_model)
 
 
 def test_the_default_guidance_interval_is_sigma_028_to_542():
-    from denoise import parse_interval, resolve_interval
+    from model.sampling import parse_interval, resolve_interval
 
     d = Diffusion(T=1000)
     lo, hi = d.steps_with_sigma(0.28, 5.42)

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 import evaluate
+from model import metrics
 from model.checkpoint import save_file
 from model.data import load_mnist
 from model.metrics import classify, frechet_distance, gaussian, label_weights, score, train_classifier
@@ -73,7 +74,7 @@ def test_accuracy_and_fid_on_a_tiny_synthetic_set(data_dir):
 def test_evaluate_scores_an_exported_npz(data_dir, tmp_path, capsys):
     model, _, _ = _classifier(data_dir)
     classifier = str(tmp_path / "classifier.pt")
-    save_file(dict(kind=evaluate.CLASSIFIER_KIND, model=model.state_dict(), test_accuracy=1.0), classifier)
+    save_file(dict(kind=metrics.CLASSIFIER_KIND, model=model.state_dict(), test_accuracy=1.0), classifier)
     images, labels = fake_digits(30, seed=5)
     npz = str(tmp_path / "s.npz")
     np.savez_compressed(npz, images=images.numpy(), labels=labels.numpy())
@@ -88,16 +89,16 @@ def test_evaluate_scores_an_exported_npz(data_dir, tmp_path, capsys):
 def test_the_floor_uses_real_images_with_the_samples_labels(data_dir, tmp_path, monkeypatch):
     model, _, _ = _classifier(data_dir)
     classifier = str(tmp_path / "classifier.pt")
-    save_file(dict(kind=evaluate.CLASSIFIER_KIND, model=model.state_dict(), test_accuracy=1.0), classifier)
-    judge = evaluate.Judge(classifier, data_dir, torch.device("cpu"))
+    save_file(dict(kind=metrics.CLASSIFIER_KIND, model=model.state_dict(), test_accuracy=1.0), classifier)
+    judge = metrics.Judge(classifier, data_dir, torch.device("cpu"))
     drawn = []
-    real_classify = evaluate.classify
-    monkeypatch.setattr(evaluate, "classify", lambda m, x: drawn.append(x) or real_classify(m, x))
+    real_classify = metrics.classify
+    monkeypatch.setattr(metrics, "classify", lambda m, x: drawn.append(x) or real_classify(m, x))
     labels = torch.tensor([2, 2, 2, 7, 7, 9])
     floor = judge.floor(labels)
-    assert len(drawn) == evaluate.FLOOR_DRAWS and floor >= 0
+    assert len(drawn) == metrics.FLOOR_DRAWS and floor >= 0
     train_images, train_labels = judge.train_images, judge.train_labels
     for x in drawn:  # every draw: 3 real twos, 2 sevens, 1 nine, no image twice
         rows = [int((train_images.flatten(1) == img.flatten()).all(1).nonzero()[0]) for img in x]
         assert sorted(train_labels[rows].tolist()) == [2, 2, 2, 7, 7, 9] and len(set(rows)) == 6
-    assert judge.floor(labels[torch.randperm(6)]) == floor and len(drawn) == evaluate.FLOOR_DRAWS  # cached
+    assert judge.floor(labels[torch.randperm(6)]) == floor and len(drawn) == metrics.FLOOR_DRAWS  # cached
