@@ -172,3 +172,17 @@ def test_the_default_guidance_interval_is_sigma_028_to_542():
     assert resolve_interval(parse_interval("auto"), d) == (82, 578)
     assert resolve_interval(parse_interval("auto"), Diffusion(T=200)) != (82, 578)  # follows the schedule
     assert parse_interval("all") is None and parse_interval("10,20") == (10, 20)
+
+
+def test_generate_samples_in_seeded_batches(tiny_model):
+    from model.sampling import generate
+
+    d, model, sizes = Diffusion(T=20), tiny_model.eval(), []
+    spy = lambda x_t, t, y: sizes.append(len(y)) or model(x_t, t, y)
+    spy.config = model.config
+    labels = torch.arange(6)
+    a = generate(spy, d, labels, steps=3, sampler="ddpm", seed=1, batch_size=4)
+    assert sizes == [4, 4, 4, 2, 2, 2]  # two batches, each down the whole 3-step chain
+    assert a.shape == (6, 1, 28, 28) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(generate(model, d, labels, steps=3, sampler="ddpm", seed=1, batch_size=4), a)
+    assert not torch.allclose(generate(model, d, labels, steps=3, sampler="ddpm", seed=2, batch_size=4), a)
