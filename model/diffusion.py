@@ -149,15 +149,15 @@ class Diffusion:
 
     @torch.inference_mode()
     def sample(self, model, y, steps=None, sampler="ddpm", eta=None, guidance=1.0, guidance_interval=None,
-               generator=None, frames=0, x_T=None):
+               generator=None, frames=0, x_T=None, callback=None):
         """Draw one image per label in y [B], starting from x_T ~ N(0, I).
 
         `guidance` applies at steps t with t_lo <= t <= t_hi when `guidance_interval` = (t_lo, t_hi) is
         given, at every step otherwise.
 
         Returns x_0 [B,1,28,28] in [-1,1]; with `frames` > 0 also a list of up to `frames` snapshots
-        (t', x_t') evenly spaced along the chain, the last being (-1, x_0). Everything stays on the device:
-        no host copies per step.
+        (t', x_t') evenly spaced along the chain, the last being (-1, x_0). `callback()`, if given, is called
+        after every step (a progress bar's update). Everything stays on the device: no host copies per step.
         """
         steps = self.T if steps is None else steps
         eta = (1.0 if sampler == "ddpm" else 0.0) if eta is None else eta
@@ -179,6 +179,8 @@ class Diffusion:
                 x = self.ddim_step(x, t, t_prev, eps, eta, noise)
             if i in keep:
                 snapshots.append((t_prev, x))
+            if callback is not None:
+                callback()
         return (x, snapshots) if frames else x
 
 

@@ -186,3 +186,6 @@ def test_generate_samples_in_seeded_batches(tiny_model):
     assert a.shape == (6, 1, 28, 28) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(generate(model, d, labels, steps=3, sampler="ddpm", seed=1, batch_size=4), a)
     assert not torch.allclose(generate(model, d, labels, steps=3, sampler="ddpm", seed=2, batch_size=4), a)
+    calls = []  # the progress bar's hook: once per step
+    d.sample(model, labels, steps=3, callback=lambda: calls.append(1))
+    assert len(calls) == 3
