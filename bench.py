@@ -129,7 +129,8 @@ def main(argv=None):
     report["params"] = sum(p.numel() for p in model.parameters())
     start = time.time()
     judge = Judge(args.classifier, args.data_dir, device)
-    report["classifier"] = dict(test_accuracy=judge.test_accuracy, seconds=time.time() - start)
+    report["classifier"] = dict(test_accuracy=judge.test_accuracy, fingerprint=judge.fingerprint,
+                                seconds=time.time() - start)
     report["fid_floor"] = judge.floor(torch.arange(10, device=device).repeat_interleave(args.per_digit))
 
     def run(name, net=net, per_digit=args.per_digit, guidance_interval=interval, **sampling):
@@ -208,7 +209,8 @@ def to_markdown(r, args):
     """The report as markdown; sections that have not been measured yet are left out."""
     n = 10 * args.per_digit
     out = [f"# Benchmark\n\nMeasured in one run of `python bench.py` on {r['hardware']}, PyTorch {r['torch']}.",
-           f"Evaluation classifier: {100 * r['classifier']['test_accuracy']:.2f}% on MNIST test. "
+           f"Evaluation classifier: {100 * r['classifier']['test_accuracy']:.2f}% on MNIST test (weights "
+           f"{r['classifier']['fingerprint']}; FIDs compare only under the same one). "
            f"FID is measured against the MNIST test set weighted to the samples' digits; real-data floor "
            f"({n:,} real training images, {n // 10:,} of each digit, scored the same way; mean of "
            f"{FLOOR_DRAWS} draws): {r['fid_floor']:.3f}.\n"]

@@ -98,11 +98,11 @@ def main(argv=None):
         raise UserError(f"FID needs at least 2 samples, got {len(images)}")
     judge = Judge(args.classifier, args.data_dir, device)
     result = judge(images, labels)
-    result["classifier_test_accuracy"] = judge.test_accuracy
+    result["classifier_test_accuracy"], result["classifier_fingerprint"] = judge.test_accuracy, judge.fingerprint
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"classifier: {100 * judge.test_accuracy:.2f}% on MNIST test")
+        print(f"classifier: {100 * judge.test_accuracy:.2f}% on MNIST test (weights {judge.fingerprint})")
         print(format_report(result, title))
     return result
 

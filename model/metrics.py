@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_file, save_file
+from .checkpoint import fingerprint, load_file, save_file
 from .cli import autocast
 from .data import batches, load_mnist
 
@@ -168,6 +168,9 @@ class Judge:
 
     def __init__(self, classifier_path, data_dir, device):
         self.classifier, self.test_accuracy = get_classifier(classifier_path, data_dir, device)
+        # FIDs are comparable only under one classifier, and retraining it elsewhere (another machine, even
+        # another CPU thread count) gives another one: every report carries this hash of its weights.
+        self.fingerprint = fingerprint(self.classifier)
         self.train_images, self.train_labels = load_mnist(data_dir, train=True, device=device)
         test_images, self.test_labels = load_mnist(data_dir, train=False, device=device)
         self.test_features = classify(self.classifier, test_images)[1]

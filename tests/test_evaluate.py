@@ -6,7 +6,7 @@ import torch
 
 import evaluate
 from model import metrics
-from model.checkpoint import save_file
+from model.checkpoint import fingerprint, save_file
 from model.data import load_mnist
 from model.metrics import classify, frechet_distance, gaussian, label_weights, score, train_classifier
 
@@ -82,6 +82,7 @@ def test_evaluate_scores_an_exported_npz(data_dir, tmp_path, capsys):
                    "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["accuracy"] == 1.0 and result["n"] == 30 and result["fid_floor"] >= 0
+    assert result["classifier_fingerprint"] == fingerprint(model)  # which classifier scored it
     evaluate.main(["--samples", npz, "--classifier", classifier, "--data-dir", data_dir, "--device", "cpu"])
     assert "| accuracy % |" in capsys.readouterr().out
 

@@ -226,7 +226,7 @@ def test_bench_writes_every_section(data_dir, tmp_path):
                 "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     text = out.read_text()
-    for section in ("## Samplers", "## Guidance sweep", "## LoRA"):
+    for section in ("## Samplers", "## Guidance sweep", "## LoRA", report["classifier"]["fingerprint"]):
         assert section in text
     names = [row["name"] for row in report["guidance"]]
     assert names == ["s=1", "s=1.5", "s=2", "s=3", "s=5", "s=1.5, every step", "s=2, every step"]
