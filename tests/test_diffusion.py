@@ -189,3 +189,27 @@ def test_generate_samples_in_seeded_batches(tiny_model):
     calls = []  # the progress bar's hook: once per step
     d.sample(model, labels, steps=3, callback=lambda: calls.append(1))
     assert len(calls) == 3
+
+
+def test_generate_progress_bar_counts_every_step(tiny_model, monkeypatch):
+    import model.sampling as sampling
+
+    bars = []
+
+    class Bar:  # stands in for tqdm: records the total it was promised and the updates it got
+        def __init__(self, total, **_):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(sampling, "tqdm", Bar)
+    sampling.generate(tiny_model.eval(), Diffusion(T=20), torch.arange(6), steps=3, batch_size=4)
+    assert len(bars) == 1 and bars[0].total == bars[0].n == 6  # two batches of three steps
