@@ -17,6 +17,7 @@ import torch
 
 from model.cli import (Parser, UserError, check_writable, fraction, parse_digits, pick_device, positive_int, run_cli,
                        seed_everything)
+from model.data import from_uint8
 from model.metrics import Judge
 from model.sampling import describe, generate, load_sampler, parse_interval, sampling_settings
 
@@ -70,7 +71,7 @@ def load_samples(path, device):
         raise UserError(f"{path}: expected uint8 images [N,28,28] and labels [N]")
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
         raise UserError(f"{path}: labels must be digits 0-9")
-    return images.to(device).unsqueeze(1).float() / 127.5 - 1, labels.to(device)
+    return from_uint8(images.to(device).unsqueeze(1)), labels.to(device)
 
 
 def main(argv=None):

@@ -57,12 +57,17 @@ def load_mnist(data_dir="data", train=True, device="cpu"):
                         f"labels {tuple(labels.shape)}")
     if labels.min() < 0 or labels.max() > 9:
         raise UserError(f"MNIST labels in {raw_dir} are outside 0..9; the label file may be corrupt")
-    images = data.to(device).unsqueeze(1).float() / 127.5 - 1.0  # [N,1,28,28] in [-1,1]
+    images = from_uint8(data.to(device).unsqueeze(1))  # [N,1,28,28] in [-1,1]
     return images, labels.to(device)
 
 
+def from_uint8(pixels):
+    """uint8 pixels 0..255 -> floats in [-1,1]: the diffusion model's range, with 0 in the middle."""
+    return pixels.float() / 127.5 - 1.0
+
+
 def to_uint8(x):
-    """[-1,1] floats -> uint8 pixels 0..255 (0 = black background), the inverse of load_mnist's scaling."""
+    """[-1,1] floats -> uint8 pixels 0..255 (0 = black background), the inverse of from_uint8."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .checkpoint import fingerprint, load_file, save_file
 from .cli import autocast
-from .data import batches, load_mnist
+from .data import batches, from_uint8, load_mnist, to_uint8
 
 CLASSIFIER_KIND = "mnist-classifier"
 FLOOR_DRAWS = 5
@@ -139,7 +139,13 @@ def frechet_distance(f1, f2, weights2=None):
 
 def score(model, images, labels, reference_features, reference_labels):
     """Class accuracy (overall and per digit) of samples in [-1,1], and their FID against reference features
-    weighted to the samples' label mix."""
+    weighted to the samples' label mix.
+
+    The samples are scored as 8-bit images, like the real digits they are compared with and like the PNGs
+    and .npz files denoise.py writes: digits drawn from a checkpoint then score exactly what the same digits
+    exported and read back score.
+    """
+    images = from_uint8(to_uint8(images))  # [N,1,28,28], rounded to 256 levels
     preds, feats = classify(model, images)
     correct = (preds == labels).double()
     per_digit = {d: float(correct[labels == d].mean()) for d in labels.unique().tolist()}

@@ -100,6 +100,21 @@ def test_denoise_export_grid_and_process(data_dir, tmp_path):
     assert ddpm["images"].shape == (10, 28, 28) and ddpm["labels"].tolist() == list(range(10))
 
 
+def test_evaluate_scores_the_same_digits_the_same_from_a_checkpoint_or_an_export(data_dir, tmp_path, capsys):
+    """evaluate.py --ckpt and denoise.py --export + evaluate.py --samples draw the same digits. Scored as the
+    8-bit images an export holds, they get the same numbers; scored as floats, the FIDs differed."""
+    ckpt, npz = _train(data_dir, tmp_path, "--max-steps", "2"), str(tmp_path / "s.npz")
+    sampling = ["--steps", "3", "--per-digit", "4", "--digits", "2-6", "--batch-size", "7", "--device", "cpu"]
+    denoise.main(["--ckpt", ckpt, *sampling, "--export", npz, "--out", str(tmp_path / "s.png"), "--process", ""])
+    common = ["--classifier", str(tmp_path / "classifier.pt"), "--data-dir", data_dir, "--json"]
+    scores = []
+    for source in (["--ckpt", ckpt, *sampling], ["--samples", npz, "--device", "cpu"]):
+        evaluate.main([*source, *common])
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert scores[0]["n"] == scores[1]["n"] == 20
+    assert scores[0] == scores[1]
+
+
 def test_lora_finetune_then_compare(data_dir, tmp_path):
     ckpt = _train(data_dir, tmp_path, "--max-steps", "2")
     adapter = str(tmp_path / "lora.pt")
