@@ -38,6 +38,15 @@ def test_train_writes_checkpoint_and_figures_and_resumes(data_dir, tmp_path):
     assert ckpt["step"] == 6 and len(ckpt["losses"]) == 6
 
 
+def test_the_default_model_on_a_cpu_points_to_the_small_config(data_dir, tmp_path, capsys):
+    common = ["--data-dir", data_dir, "--figures", str(tmp_path / "fig"), "--batch-size", "16", "--max-steps", "1",
+              "--device", "cpu"]
+    train.main([*common, "--out", str(tmp_path / "default.pt")])
+    assert "small CPU config (--channels 32,64,64 --batch-size 64 --epochs 1)" in capsys.readouterr().out
+    train.main([*common, "--out", str(tmp_path / "small.pt"), "--channels", "32,64,64"])
+    assert "small CPU config" not in capsys.readouterr().out
+
+
 def test_a_short_schedule_trains_and_samples(data_dir, tmp_path):
     """--T below the forward-process figure's fixed steps (0 .. 700) still works, and sampling follows T."""
     ckpt = _train(data_dir, tmp_path, "--max-steps", "1", "--T", "20")
