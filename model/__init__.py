@@ -5,6 +5,7 @@ Read the package as a tutorial, one chapter per file:
     data.py        MNIST as one tensor on the device
     unet.py        the noise-prediction network (a small UNet)
     attention.py   cross-attention from pixels to the digit label
+    norm.py        GroupNorm kept in bf16 under autocast (a faster sampler)
     diffusion.py   the noise schedule, the training loss and the samplers (DDPM, DDIM, guidance)
     ema.py         an exponential moving average of the weights
     trainer.py     the training loop shared by train.py and lora_finetune.py
