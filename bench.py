@@ -111,17 +111,19 @@ def main(argv=None):
 
     if not args.skip_train:
         start = time.time()
-        info = train.main(["--out", args.ckpt, "--figures", args.figures, *args.train_args.split()])
+        info = train.main(["--out", args.ckpt, "--force", "--figures", args.figures, "--data-dir", args.data_dir,
+                           *args.train_args.split()])
         report["train"] = dict(info, wall=time.time() - start)
         start = time.time()
-        info = lora_finetune.main(["--base", args.ckpt, "--out", args.lora, "--figures", args.figures])
+        info = lora_finetune.main(["--base", args.ckpt, "--out", args.lora, "--force", "--figures", args.figures,
+                                   "--data-dir", args.data_dir])
         report["lora_train"] = dict(info, wall=time.time() - start)
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:  # keep the training numbers early
             json.dump(report, f, indent=1, default=float)
 
     # Both models and the settings are checked before the classifier and the first row spend any time.
-    model, diffusion = load_sampler(args.ckpt, device)
-    lora_model, _ = load_sampler(args.ckpt, device, lora=args.lora)
+    model, diffusion, _, _ = load_sampler(args.ckpt, device)
+    lora_model, _, _, _ = load_sampler(args.ckpt, device, loras=[args.lora])
     interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
     if max(steps for _, steps, _ in samplers) > diffusion.T:
         raise UserError(f"--samplers: at most T = {diffusion.T} steps, got {args.samplers}")

@@ -1,57 +1,53 @@
-"""Chapter 3: draw digits by running the diffusion backwards, with or without a LoRA adapter.
+"""Chapter 3: draw digits by running the diffusion backwards, with or without LoRA adapters.
 
-    python denoise.py                                   # figure/samples.png: digits 0-9, ten of each
-    python denoise.py --lora checkpoints/lora.pt        # the same with the adapter (samples_lora.png)
-    python denoise.py --lora checkpoints/lora.pt --compare   # LoRA off | on, same noise side by side
+    python denoise.py                                        # figure/samples.png: digits 0-9, ten of each
+    python denoise.py --lora checkpoints/lora.pt --compare   # LoRA off | on from the same noise
+    python denoise.py --lora checkpoints/lora.pt --sweep     # the style fading in: scale 0 -> 1.5 (PNG and GIF)
+    python denoise.py --ckpt pretrained/model.pt --lora pretrained/bold.pt pretrained/italic.pt --compare
     python denoise.py --export samples.npz --per-digit 1000  # for evaluate.py
 
-Samplers: DDIM (default; deterministic with --eta 0, 50 steps) or DDPM (ancestral; --steps 1000 is the
-original chain). Guidance follows diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain
-conditional sampling, s > 1 trades diversity for fidelity to the label. By default (--guidance-interval
-auto) guidance acts only on the steps where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in
-(0.28, 5.42], the interval of Kynkaanniemi et al. 2024: t = 82..578 for the default schedule. 'all' guides
-every step; FIRST,LAST picks the steps by hand.
+Samplers: DDIM (default; deterministic with --eta 0) or DDPM (ancestral; --steps 1000 is the original
+chain); the number of steps, the guidance scale and the batch size follow the checkpoint's preset. Guidance
+follows diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain conditional sampling, s > 1
+trades diversity for fidelity to the label. By default (--guidance-interval auto) guidance acts only on
+the steps where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (0.28, 5.42], the interval of
+Kynkaanniemi et al. 2024: t = 82..578 for the default schedule. 'all' guides every step; FIRST,LAST picks
+the steps by hand. Several adapters stack (each with its own --lora-scale), as Stable Diffusion LoRAs do.
 """
+import os
 import time
 
 import numpy as np
 import torch
 
-from model.cli import (Parser, UserError, autocast, check_writable, fraction, parse_digits, pick_device, positive_int,
-                       run_cli)
+from model.cli import Parser, UserError, autocast, check_writable, parse_digits, pick_device, positive_int, run_cli
 from model.data import to_uint8
-from model.figures import save_grid
-from model.lora import load_lora, merge_lora, set_lora
-from model.sampling import describe, generate, load_sampler, parse_interval, sampling_settings
+from model.figures import save_grid, save_strip_gif
+from model.lora import lora_layers, set_lora
+from model.sampling import (add_sampling_flags, adapter_name, default_checkpoint, describe, generate, load_sampler,
+                            lora_scales, parse_interval, sampling_settings)
+
+SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # rows of the --sweep figure; past 1 the style is exaggerated
+GIF_FRAMES = 16                                   # scale 0 -> 1.5 in the --sweep animation
 
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("--ckpt", default="checkpoints/model.pt", help="trained model checkpoint (train.py --out)")
-    p.add_argument("--lora", help="LoRA adapter file (lora_finetune.py --out); default: the base model alone")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="blend the adapter: 0 = base, 1 = full")
+    add_sampling_flags(p)
     p.add_argument("--merge", action="store_true",
-                   help="fold the adapter into the weights before sampling (same images, base model's speed)")
+                   help="fold the adapters into the weights before sampling (same images, base model's speed)")
     p.add_argument("--compare", action="store_true",
-                   help="also draw LoRA off / on from the same noise into figure/compare_lora.png")
+                   help="also draw LoRA off | on from the same noise (FIGURES/compare_STYLE.png)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also draw the adapters at scales 0 .. 1.5 from the same noise "
+                        "(FIGURES/sweep_STYLE.png and an animated .gif)")
     p.add_argument("--per-digit", type=positive_int, default=10, help="samples per digit")
-    p.add_argument("--digits", default="0-9", help="which digits, e.g. 0-9, 3 or 1,4,7")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="reverse process")
-    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (at most T, e.g. 1000)")
-    p.add_argument("--eta", type=fraction, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
-    p.add_argument("--guidance", type=float, default=1.5,
-                   help="classifier-free guidance scale s (1 = plain conditional, >1 = stronger)")
-    p.add_argument("--guidance-interval", default="auto",
-                   help="steps where guidance acts: auto, all, or FIRST,LAST (see the top of --help)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="the averaged (default) or the last training weights")
-    p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and the sampler")
-    p.add_argument("--batch-size", type=positive_int, default=1000, help="images sampled at once")
-    p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
-    p.add_argument("--out", help="PNG grid (default figure/samples.png, or figure/samples_lora.png with --lora)")
+    p.add_argument("--figures", default="figure", help="folder for the figures (their names are below)")
+    p.add_argument("--out", help="PNG grid (default FIGURES/samples.png, or FIGURES/samples_STYLE.png with --lora)")
     p.add_argument("--process", help="PNG of the reverse chain, one digit per row "
-                   "(default figure/denoise_process.png; '' to skip)")
-    p.add_argument("--compare-out", default="figure/compare_lora.png", help="PNG written by --compare")
+                   "(default FIGURES/denoise_process.png without --lora; '' to skip)")
     p.add_argument("--export", metavar="FILE.npz",
                    help="also save all samples: uint8 images [N,28,28] (0 = black) and int labels [N]")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slower start)")
@@ -59,40 +55,48 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_png(path, flag):
+    if not path.lower().endswith(".png"):
+        raise UserError(f"{flag} writes a PNG image: give a path ending in .png, got {path!r}")
+    check_writable(path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     digits = parse_digits(args.digits)
-    if (args.merge or args.compare or args.lora_scale != 1.0) and not args.lora:
-        raise UserError("--merge, --compare and --lora-scale need an adapter: add --lora PATH")
-    suffix = "_lora" if args.lora else ""
-    out = args.out or f"figure/samples{suffix}.png"
-    process = f"figure/denoise_process{suffix}.png" if args.process is None else args.process
-    for path in [out, process, args.export, args.compare and args.compare_out]:
-        if path:
-            check_writable(path)
-    interval = parse_interval(args.guidance_interval)
+    scales = lora_scales(args)
+    if (args.merge or args.compare or args.sweep) and not args.lora:
+        raise UserError("--merge, --compare and --sweep need an adapter: add --lora PATH")
+    if args.merge and (args.compare or args.sweep):
+        raise UserError("--merge folds the adapters in for good: it cannot be combined with --compare or --sweep")
     if args.export and not args.export.endswith(".npz"):
         raise UserError(f"--export writes a NumPy .npz file; got {args.export}")
+    interval = parse_interval(args.guidance_interval)
     device = pick_device(args.device)
 
-    model, diffusion = load_sampler(args.ckpt, device, args.weights)
-    sampling = sampling_settings(args, interval, diffusion)
+    model, diffusion, ckpt, adapters = load_sampler(default_checkpoint(args.ckpt), device, args.weights,
+                                                    args.lora, scales)
+    sampling, batch_size = sampling_settings(args, ckpt, interval, diffusion, device)
+    tag = adapter_name(adapters)
+    figure = lambda name: os.path.join(args.figures, name)
+    out = args.out if args.out is not None else figure(f"samples{'_' + tag if tag else ''}.png")
+    process = ("" if tag else figure("denoise_process.png")) if args.process is None else args.process
+    compare_out, sweep_out = figure(f"compare_{tag}.png"), figure(f"sweep_{tag}.png")
+    for path, flag, wanted in [(out, "--out", True), (process, "--process", process), (compare_out, "--compare", args.compare),
+                               (sweep_out, "--sweep", args.sweep)]:
+        if wanted:
+            check_png(path, flag)
+    if args.export:
+        check_writable(args.export)
     labels = torch.tensor(digits, device=device).repeat_interleave(args.per_digit)  # [D * per_digit]
 
-    def draw(net):
-        return generate(net, diffusion, labels, seed=args.seed, batch_size=args.batch_size, **sampling)
+    def draw(net, y=labels):
+        return generate(net, diffusion, y, seed=args.seed, batch_size=batch_size, **sampling)
 
     name = describe(**sampling)
-    compare = {}
-    if args.lora:
-        load_lora(model, args.lora, device)
-        if args.compare:  # the same seed with the adapter switched off: the difference is LoRA alone
-            set_lora(model, enabled=False)
-            compare["LoRA off"] = draw(model)
-        set_lora(model, enabled=True, scale=args.lora_scale)
-        if args.merge:
-            merge_lora(model)
-        name += f", LoRA x{args.lora_scale:g}" + (" merged" if args.merge else "")
+    if adapters:
+        name += ", LoRA " + " + ".join(f"{a['config'].get('style', 'lora')} x{s:g}" for (a, _), s in zip(adapters, scales))
+        name += " merged" if args.merge else ""
     net = torch.compile(model, dynamic=False) if args.compile else model
 
     if device.type == "cuda":
@@ -104,24 +108,53 @@ def main(argv=None):
     seconds = time.time() - start
     print(f"sampled {len(x):,} digits ({name}) in {seconds:.2f} s on {device}")
 
+    def grid(images):  # [N, 1, 28, 28] -> [D, up to max_grid, 28, 28] uint8 on the host
+        return to_uint8(images).view(len(digits), args.per_digit, 28, 28)[:, :args.max_grid].cpu()
+
     images = to_uint8(x[:, 0]).cpu()  # [N, 28, 28], 0 = black background
-    grid = images.view(len(digits), args.per_digit, 28, 28)[:, :args.max_grid]
     row_labels = [str(d) for d in digits]
-    save_grid(out, {"": grid}, row_labels, title=name)
+    save_grid(out, {"": grid(x)}, row_labels, title=name)
     print(f"wrote {out}")
-    if args.compare:
-        compare["LoRA on"] = x
-        panels = {k: to_uint8(v).view(len(digits), args.per_digit, 28, 28)[:, :args.max_grid].cpu()
-                  for k, v in compare.items()}
-        save_grid(args.compare_out, panels, row_labels, title=f"same seed, {name}")
-        print(f"wrote {args.compare_out}")
+    result = dict(seconds=seconds, images=images, labels=labels.cpu())
+    if args.compare:  # the same seed with every adapter switched off: the difference is LoRA alone
+        set_lora(model, enabled=False)
+        off = draw(model)
+        result["off"] = to_uint8(off[:, 0]).cpu()
+        set_lora(model, enabled=True)
+        save_grid(compare_out, {"LoRA off": grid(off), f"LoRA on ({tag})": grid(x)}, row_labels,
+                  title=f"same seed, {name}")
+        print(f"wrote {compare_out}")
+    if args.sweep:
+        save_sweep(sweep_out, model, draw, digits, tag, name)
+        print(f"wrote {sweep_out} and {sweep_out[:-4]}.gif")
     if process:
         save_process(process, model, diffusion, digits, args.seed, name, **sampling)
         print(f"wrote {process}")
     if args.export:
         np.savez_compressed(args.export, images=images.numpy(), labels=labels.cpu().numpy())
         print(f"wrote {len(images):,} samples to {args.export}")
-    return dict(seconds=seconds, images=images, labels=labels.cpu())
+    return result
+
+
+def save_sweep(path, model, draw, digits, tag, name):
+    """One digit of each class at LoRA scales 0 .. 1.5 (each adapter's own scale times s), same noise: a PNG
+    with one row per scale, and a GIF in which the style fades in."""
+    layers = lora_layers(model)
+    own = [layer.scale for layer in layers]
+    y = torch.tensor(digits, device=next(model.parameters()).device)
+
+    def at(s):
+        for layer, base_scale in zip(layers, own):
+            layer.scale = s * base_scale
+        return to_uint8(draw(model, y)[:, 0]).cpu()  # [D, 28, 28]
+
+    rows = torch.stack([at(s) for s in SWEEP])  # [scales, D, 28, 28]
+    save_grid(path, {"": rows}, [f"x{s:g}" for s in SWEEP], [str(d) for d in digits],
+              title=f"LoRA scale sweep ({tag}), same seed; {name}")
+    frames = [(f"LoRA {tag} x{s:.2f}", at(s)) for s in torch.linspace(0, SWEEP[-1], GIF_FRAMES).tolist()]
+    save_strip_gif(path[:-4] + ".gif", frames)
+    for layer, base_scale in zip(layers, own):
+        layer.scale = base_scale
 
 
 def save_process(path, model, diffusion, digits, seed, name, **sampling):

@@ -1,114 +1,151 @@
-"""Chapter 2: fine-tune the trained model with LoRA on the cross-attention projections.
+"""Chapter 2: teach the trained model a style with LoRA, training nothing but the adapter.
 
-    python lora_finetune.py                         # base: checkpoints/model.pt -> checkpoints/lora.pt
-    python lora_finetune.py --rank 4 --max-steps 500
+    python lora_finetune.py                           # base checkpoints/model.pt, style bold -> checkpoints/lora.pt
+    python lora_finetune.py --style italic --out checkpoints/italic.pt
+    python lora_finetune.py --targets attn --rank 4   # cross-attention projections only
 
-Loads the base model (its averaged weights, the ones we sample with), swaps the attention layers' w_q,
-w_k and w_v for LoraLayers (model/lora.py), freezes everything else and keeps training on MNIST with only
-the adapter in the optimizer. The output file holds only the adapter: its tensors (averaged, as for the
-base), its config (rank, alpha, targets), the base model's fingerprint, and the state needed to --resume.
+Loads the base model (its averaged weights, the ones we sample with), wraps the layers named by --targets
+in LoRA layers (model/lora.py: `attn` = the cross-attention w_q, w_k, w_v; `conv` = the ResBlock convs),
+freezes everything else and trains only the adapter on MNIST redrawn in --style (model/styles.py), with the
+objective the base was trained with. The output file holds only the adapter: its tensors (averaged, as for
+the base), its config (rank, alpha, targets, style) and the base model's fingerprint. What --resume needs
+(the live tensors, the optimizer, the random state) goes to a file beside it, OUT.resume.pt.
 """
 import os
 import time
+from dataclasses import asdict, replace
 
 import torch
 
-from model.checkpoint import fingerprint, load_model
-from model.cli import (Parser, UserError, check_writable, fraction, pick_device, positive_float, positive_int,
-                       run_cli, seed_everything)
+from model.checkpoint import fingerprint, load_file, load_model, save_file
+from model.cli import (Parser, UserError, add_training_flags, below_one, check_new_output, check_writable,
+                       pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
+from model.config import PRESETS, LoraConfig, TrainConfig, changed_fields, preset_for, with_flags
 from model.data import load_mnist
 from model.ema import EMA
 from model.figures import save_loss_curve
-from model.lora import inject_lora, load_lora, lora_state_dict, parameter_report, save_lora
-from model.trainer import fit, plan_steps
+from model.lora import TARGET_GROUPS, inject_lora, parameter_report, save_lora
+from model.styles import STYLE_NAMES, apply_style
+from model.trainer import fit, plan_steps, rng_state, set_rng_state
+
+RESUME_KIND = "lora-resume"
+MAY_CHANGE_ON_RESUME = ("epochs", "total_steps")
 
 
 def parse_args(argv=None):
     p = Parser(__doc__)
     p.add_argument("--base", default="checkpoints/model.pt", help="trained model checkpoint (train.py --out)")
     p.add_argument("--out", default="checkpoints/lora.pt", help="adapter file to write (and to --resume)")
-    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha; the update is scaled by alpha / r")
-    p.add_argument("--dropout", type=fraction, default=0.0, help="dropout on the adapter's input")
-    p.add_argument("--targets", default="w_q,w_k,w_v", help="names of the nn.Linear layers to adapt")
-    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (torchvision's layout)")
-    p.add_argument("--epochs", type=positive_int, default=3, help="passes over the training images")
-    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps in all")
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate of the adapter (AdamW)")
-    p.add_argument("--batch-size", type=positive_int, default=512, help="images per optimizer step")
-    p.add_argument("--ema-decay", type=fraction, default=0.999,
-                   help="cap on the decay of the adapter's moving average; below it the decay is (1+k)/(10+k) at "
-                        "step k, which reaches 0.999 only at step 8,990 (model/ema.py)")
-    p.add_argument("--p-uncond", type=fraction, default=0.1, help="null-label probability, as in training")
-    p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the adapter's init, data order and noise")
-    p.add_argument("--resume", action="store_true", help="continue the fine-tuning saved at --out")
-    p.add_argument("--figures", default="figure", help="folder for loss_lora.png")
+    p.add_argument("--style", choices=STYLE_NAMES, help="what the adapter learns (default: the preset's, bold)")
+    p.add_argument("--rank", type=positive_int, help="LoRA rank r (default: the preset's, 8)")
+    p.add_argument("--alpha", type=positive_float, help="LoRA alpha; the update is scaled by alpha / r (default 8)")
+    p.add_argument("--dropout", type=below_one, help="dropout on the adapter's input (default 0)")
+    p.add_argument("--targets", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
+                   help=f"layers to adapt: groups ({', '.join(TARGET_GROUPS)}) or layer names, comma-separated "
+                        "(default: the preset's, attn,conv)")
+    add_training_flags(p, "the adapter")
     return p.parse_args(argv)
+
+
+def resume_path(out):
+    return os.path.splitext(out)[0] + ".resume.pt"
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if os.path.abspath(args.out) == os.path.abspath(args.base):
+        raise UserError("--out is the base checkpoint: the adapter would replace the model it adapts; "
+                        "choose another --out")
+    check_new_output(args.out, args.resume, args.force)
+    check_writable(resume_path(args.out))
+    check_writable(os.path.join(args.figures, "loss_lora.png"))
     device = pick_device(args.device)
-    seed_everything(args.seed)
-    check_writable(args.out)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
 
-    model, diffusion, _ = load_model(args.base, device, weights="ema")
+    model, diffusion, base = load_model(args.base, device, weights="ema")
     base_fp = fingerprint(model)
-    if args.resume:
-        if not os.path.exists(args.out):
-            raise UserError(f"--resume: no adapter at {args.out} to continue from")
-        adapter = load_lora(model, args.out, device)  # the averaged adapter, checked against the base
-        ema = EMA(model, args.ema_decay)
-        state = adapter["train_state"]
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, t in state["tensors"].items():
-                params[name].copy_(t)  # the live adapter, from which training continues
-        config, step, losses, seconds = adapter["config"], adapter["step"], state["losses"], state["seconds"]
-        print(f"resuming {args.out} at step {step}")
+    preset = base.get("preset") or preset_for(device)
+    saved = load_file(resume_path(args.out), RESUME_KIND, device) if args.resume else None
+    if saved is not None:
+        before = LoraConfig(**saved["config"])
+        config = with_flags(before, args)
+        clash = [f for f in changed_fields(before, config) if f not in MAY_CHANGE_ON_RESUME]
+        if clash:
+            flags = ", ".join(f"--{f.replace('_', '-')} (saved {getattr(before, f)})" for f in clash)
+            raise UserError(f"--resume continues the saved fine-tuning, which used other values: {flags}")
+        if saved["base_fingerprint"] != base_fp:
+            raise UserError(f"--resume: {resume_path(args.out)} was trained on another base than {args.base}")
     else:
-        config = dict(r=args.rank, alpha=args.alpha, targets=list(targets), dropout=args.dropout)
-        inject_lora(model, targets, args.rank, args.alpha, args.dropout)
-        ema = EMA(model, args.ema_decay)
-        step, losses, seconds, state = 0, [], 0.0, None
-
-    trainable, total = parameter_report(model)
-    print(f"LoRA r={config['r']} alpha={config['alpha']:g} on {','.join(config['targets'])}: "
-          f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        config = with_flags(PRESETS[preset]["lora"], args)
+        base_gamma = TrainConfig(**base["train"]).min_snr_gamma if "train" in base else 0.0
+        if config.min_snr_gamma is None:  # train on the objective the base was trained with
+            config = replace(config, min_snr_gamma=base_gamma)
+    seed_everything(config.seed)
 
     images, labels = load_mnist(args.data_dir, train=True, device=device)
-    adapter_params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(adapter_params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    total_steps = plan_steps(len(images), args.batch_size, args.epochs, args.max_steps)
+    images = apply_style(config.style, images)  # the whole styled training set, once, as one tensor
+    total_steps = plan_steps(len(images), config)
+    if args.max_steps and args.max_steps > total_steps:
+        raise UserError(f"--max-steps {args.max_steps} is past the end of the planned run ({total_steps} steps): "
+                        "raise --epochs or --total-steps to plan a longer one")
+    stop_at = args.max_steps or total_steps
+    if saved is not None and stop_at <= saved["step"]:
+        raise UserError(f"{args.out} is already at step {saved['step']}: give --max-steps above it "
+                        f"(the planned run has {total_steps})")
 
+    model = prepare_model(model, device)
+    layers = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout)
+    ema = EMA(model, config.ema_decay)
+    adapter_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(adapter_params, lr=config.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step, losses, seconds = 0, [], 0.0
+    if saved is not None:
+        with torch.no_grad():
+            for p, t in zip(adapter_params, saved["live"]):
+                p.copy_(t)
+            for p, t in zip(ema_params(ema, model), saved["ema"]):
+                p.copy_(t)
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"], device)
+        step, losses, seconds = saved["step"], saved["losses"], saved["seconds"]
+        print(f"resuming {args.out} at step {step}")
+
+    trainable, total = parameter_report(model)
+    print(f"preset {preset}: LoRA r={config.rank} alpha={config.alpha:g} on {','.join(config.targets)} "
+          f"({len(layers)} layers), style {config.style}, {total_steps:,} steps of {config.batch_size} images, "
+          f"Min-SNR-gamma {config.min_snr_gamma:g}" + PRESETS[preset]["expect"]["lora"])
+    print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    ema_layers = {path: ema.model.get_submodule(path) for path in layers}
+    adapter_config = dict(asdict(config), r=config.rank, targets=list(config.targets))
     start = time.time()
 
     def save(at_step, at_losses):
-        train_state = dict(tensors=lora_state_dict(model), optimizer=optimizer.state_dict(),
-                           losses=at_losses, seconds=seconds + time.time() - start)
-        save_lora(args.out, ema.model, config, base_fp, at_step, extra=dict(train_state=train_state))
+        # The shared file: the averaged adapter only. Beside it, everything --resume needs.
+        save_lora(args.out, ema_layers, adapter_config, base_fp, at_step)
+        save_file(dict(kind=RESUME_KIND, config=asdict(config), base_fingerprint=base_fp, step=at_step,
+                       live=[p.detach() for p in adapter_params], ema=[p.detach() for p in ema_params(ema, model)],
+                       optimizer=optimizer.state_dict(), losses=list(at_losses),
+                       seconds=seconds + time.time() - start, rng=rng_state(device)), resume_path(args.out))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    losses = fit(model, diffusion, images, labels, optimizer, ema, total_steps=total_steps,
-                 batch_size=args.batch_size, lr=args.lr, warmup=50, p_uncond=args.p_uncond, seed=args.seed,
-                 start_step=step, losses=losses, save=save, desc="lora")
+    losses = fit(model, diffusion, images, labels, optimizer, ema, config, min_snr_gamma=config.min_snr_gamma,
+                 total_steps=total_steps, stop_at=stop_at, start_step=step, losses=losses, save=save, desc="lora")
     elapsed = time.time() - start
-    print(f"fine-tuned {total_steps - step} steps in {elapsed:.1f} s")
+    print(f"fine-tuned {stop_at - step} steps in {elapsed:.1f} s")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")
     base_size, lora_size = os.path.getsize(args.base), os.path.getsize(args.out)
-    weights = sum(t.numel() * t.element_size() for t in lora_state_dict(model).values())
-    print(f"adapter: {args.out} {lora_size / 1024:,.0f} KiB ({weights / 1024:,.0f} KiB of adapter weights, "
-          f"the rest resume state); base checkpoint: {args.base} {base_size / 2**20:,.1f} MiB")
+    print(f"adapter: {args.out} {lora_size / 1024:,.0f} KiB ({trainable:,} numbers); base checkpoint: {args.base} "
+          f"{base_size / 2**20:,.1f} MiB; resume state: {resume_path(args.out)}")
     if losses:
-        os.makedirs(args.figures, exist_ok=True)
-        save_loss_curve(os.path.join(args.figures, "loss_lora.png"), losses, title="LoRA fine-tuning loss")
+        save_loss_curve(os.path.join(args.figures, "loss_lora.png"), losses, title=f"LoRA fine-tuning loss ({config.style})")
     return dict(seconds=elapsed, trainable=trainable, total=total, lora_bytes=lora_size, base_bytes=base_size)
+
+
+def ema_params(ema, model):
+    """The averaged copies of the model's trainable (adapter) parameters, in the same order."""
+    return [q for p, q in zip(model.parameters(), ema.model.parameters()) if p.requires_grad]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ so it loads with `torch.load(weights_only=True)`:
     diffusion   the schedule (T, beta_start, beta_end)
     model, ema  state_dicts of the live and the averaged weights
     optimizer   the optimizer's state_dict, so --resume continues exactly
-    step, losses, seconds, args
+    preset      the preset the run started from ('cpu' or 'gpu'); lora_finetune.py and denoise.py follow it
+    train       the run's TrainConfig as a dict: what --resume compares the flags with
+    rng         the random-number state at the save, so a resumed run draws what the uninterrupted one would
+    step, losses, seconds
 
 Files are written atomically: to a temporary file in the same folder, then renamed over the target, so a
 crash or Ctrl-C during a save never leaves a half-written checkpoint behind. `map_location` lets a
@@ -67,10 +70,17 @@ def fingerprint(model):
     return h.hexdigest()[:16]
 
 
-def save_model(path, model, ema, diffusion, optimizer, step, losses, seconds, args):
+def save_model(path, model, ema, diffusion, optimizer, step, losses, seconds, preset, train, rng):
     save_file(dict(kind=MODEL_KIND, config=model.config, diffusion=diffusion.config(),
                    model=model.state_dict(), ema=ema.model.state_dict(), optimizer=optimizer.state_dict(),
-                   step=step, losses=list(losses), seconds=seconds, args=args), path)
+                   step=step, losses=list(losses), seconds=seconds, preset=preset, train=train, rng=rng), path)
+
+
+def check_finite(tensors, path):
+    """Refuse weights holding NaN or infinity: they sample black images without a word."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{path} holds non-finite numbers in {name}; the checkpoint is broken, retrain it")
 
 
 def load_model(path, device="cpu", weights="ema"):
@@ -81,8 +91,19 @@ def load_model(path, device="cpu", weights="ema"):
     ckpt = load_file(path, MODEL_KIND, device)
     try:
         model = UNet(**ckpt["config"]).to(device)
+        check_finite(ckpt[weights], path)
         model.load_state_dict(ckpt[weights])
         diffusion = Diffusion(**ckpt["diffusion"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path} does not match this version of the model: {str(e).splitlines()[0]}")
     return model, diffusion, ckpt
+
+
+def export_model(path, out, dtype=torch.float16):
+    """A checkpoint cut down to what sampling and fine-tuning need: the averaged weights in `dtype`, the
+    config, the schedule and the preset -- no live weights, no optimizer. fp16 halves the file; adapters
+    trained on the exported file fit it exactly (its fingerprint is that of the fp16 weights)."""
+    ckpt = load_file(path, MODEL_KIND)
+    slim = {k: ckpt[k] for k in ("kind", "config", "diffusion", "preset", "train", "step")}
+    slim["ema"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    save_file(slim, out)

@@ -5,6 +5,7 @@ wrong (a missing file, a digit outside 0-9, an unwritable path) raises `UserErro
 message as a single `error: ...` line and exits with status 2, instead of a Python traceback.
 """
 import argparse
+import math
 import os
 import random
 import sys
@@ -73,6 +74,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def prepare_model(model, device):
+    """On a CPU, keep conv weights (and so every feature map) channels-last: the same numbers, in the memory
+    order the CPU's convolution kernels read fastest (docs/cpu.md has the measurements)."""
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+
+
 def autocast(device):
     """bf16 autocast on CUDA (tensor cores, no loss scaling needed); a no-op elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -100,18 +107,45 @@ def _number(text, kind):
 
 
 def positive_float(text):
-    """argparse type: a number > 0 (a learning rate, say)."""
+    """argparse type: a finite number > 0 (a learning rate, say)."""
     value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
+
+
+def nonnegative_float(text):
+    """argparse type: a finite number >= 0 (a LoRA scale, Min-SNR's gamma)."""
+    value = _number(text, float)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def channel_list(text):
+    """argparse type: '16,32,64' -> (16, 32, 64): three multiples of 8 (GroupNorm uses 8 groups)."""
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
+    if len(channels) != 3 or min(channels) < 8 or any(c % 8 for c in channels):
+        raise argparse.ArgumentTypeError(f"expected three multiples of 8 (GroupNorm uses 8 groups), got {text}")
+    return channels
 
 
 def fraction(text):
     """argparse type: a number in [0, 1] (a probability, a decay, DDIM's eta)."""
     value = _number(text, float)
-    if not 0 <= value <= 1:
+    if not 0 <= value <= 1:  # NaN fails this too
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
+    return value
+
+
+def below_one(text):
+    """argparse type: a number in [0, 1) (dropout: 1 would drop everything)."""
+    value = fraction(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("expected a number below 1, got 1")
     return value
 
 
@@ -136,3 +170,42 @@ def parse_digits(text):
     if bad or not digits:
         raise UserError(f"--digits: MNIST digits are 0-9, got {text!r}")
     return digits
+
+
+PRESET_HELP = "sizes for the machine: auto (gpu with CUDA, else cpu), cpu or gpu"
+
+
+def add_training_flags(p, what):
+    """The flags train.py and lora_finetune.py share. Their defaults (None) come from the preset, so a flag
+    given on the command line is exactly what overrides it."""
+    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (torchvision's layout)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
+    p.add_argument("--epochs", type=positive_int, help="passes over the training images (default: the preset's)")
+    p.add_argument("--total-steps", type=positive_int,
+                   help="optimizer steps of the whole run, overriding --epochs (default: the preset's)")
+    p.add_argument("--max-steps", type=positive_int,
+                   help="stop at this step, as if interrupted (the schedule still plans for the whole run); "
+                        "--resume with a larger value goes on")
+    p.add_argument("--batch-size", type=positive_int, help="images per optimizer step (default: the preset's)")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate of {what} (AdamW; warm-up, then cosine)")
+    p.add_argument("--warmup", type=positive_int, help="learning-rate warm-up steps (default: the preset's)")
+    p.add_argument("--ema-decay", type=fraction,
+                   help="cap on the decay of the weights' moving average; below it the decay is (1+k)/(10+k) at "
+                        "step k (model/ema.py)")
+    p.add_argument("--p-uncond", type=fraction,
+                   help="probability of training on the null label (for classifier-free guidance)")
+    p.add_argument("--min-snr-gamma", type=nonnegative_float,
+                   help="Min-SNR-gamma loss weight min(SNR_t, gamma)/SNR_t; 0 = the plain DDPM loss")
+    p.add_argument("--seed", type=int, help=f"seed for {what}'s init, the data order and the noise")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out and start over")
+    p.add_argument("--figures", default="figure", help="folder for the loss curve")
+
+
+def check_new_output(path, resume, force):
+    """A run never replaces work the user has without being asked: --resume continues it, --force overwrites."""
+    if resume and not os.path.exists(path):
+        raise UserError(f"--resume: nothing at {path} to continue from")
+    if os.path.exists(path) and not (resume or force):
+        raise UserError(f"{path} already exists: add --resume to continue it, or --force to overwrite it")
+    check_writable(path)

@@ -69,3 +69,20 @@ def save_loss_curve(path, losses, title="training loss"):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_strip_gif(path, frames, zoom=3, ms=150):
+    """An animated GIF, one frame per (caption, images [D, 28, 28] uint8): the images side by side, the
+    caption above, played forwards and then backwards (Pillow, which matplotlib already needs)."""
+    from PIL import Image, ImageDraw
+
+    pictures = []
+    for caption, images in frames:
+        strip = _mosaic(images[None])  # [30, D * 30]
+        picture = Image.fromarray(strip.numpy()).resize((strip.shape[1] * zoom, strip.shape[0] * zoom), Image.NEAREST)
+        canvas = Image.new("L", (picture.width, picture.height + 16), 0)
+        canvas.paste(picture, (0, 16))
+        ImageDraw.Draw(canvas).text((4, 2), caption, fill=255)
+        pictures.append(canvas)
+    pictures += pictures[-2:0:-1]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=ms, loop=0)

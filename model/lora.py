@@ -1,4 +1,4 @@
-"""LoRA: low-rank adaptation of a frozen linear layer (Hu et al. 2021, "LoRA", eq. 3).
+"""LoRA: low-rank adaptation of a frozen layer (Hu et al. 2021, "LoRA", eq. 3), for linear and conv layers.
 
 A pretrained layer computes h = W0 x + b. Fine-tuning would learn a full update dW (out x in numbers).
 LoRA bets that the update has low rank and learns it as a product of two thin matrices:
@@ -9,13 +9,21 @@ Only A and B are trained; W0 and b stay frozen. Initialisation:
   * B = 0, so BA = 0 and the adapted model starts *bit-identical* to the base model.
   * A ~ Kaiming-uniform(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)) -- the init of nn.Linear itself and
     of microsoft/LoRA. Each entry of A x then has variance |x|^2 / (3 in), independent of the layer width,
-    so the signal that B's gradient sees has the same scale in every adapted layer. (A Gaussian with
-    sigma = 1/sqrt(r), the other common choice, makes A x grow with the input width.) A must be random and
+    so the signal that B's gradient sees has the same scale in every adapted layer. A must be random and
     B zero, not both zero: with both zero neither ever gets a gradient.
   * alpha / r scales the update so that changing the rank r does not change the effective step size.
 
+The same idea on a k x k convolution (LoCon, note 002): A is a k x k conv from `in` to r channels and B a
+1 x 1 conv from r to `out`. A 1 x 1 conv mixes channels pixel by pixel, so B after A is one k x k conv
+whose kernel is dW[o, i] = sum_j B[o, j] A[j, i] -- again a rank-r update of W0, merged the same way.
+
+Which layers (`targets`): `attn`, the cross-attention projections w_q, w_k, w_v through which the label
+acts; `conv`, the two 3 x 3 convolutions of every ResBlock, which draw the strokes. Any layer name
+(e.g. `w_o`) works too.
+
 After training, (alpha/r) B A can be folded into W0 (`merge`): inference then costs exactly as much as
-the base model. `unmerge` takes it out again.
+the base model. `unmerge` takes it out again. Adapters stack: a second adapter wraps the first, and the
+layer computes W0 x + b + s1 dW1 x + s2 dW2 x -- two styles at once, each with its own scale.
 """
 import math
 
@@ -27,76 +35,128 @@ from .checkpoint import fingerprint, load_file, save_file
 from .cli import UserError
 
 ADAPTER_KIND = "lora-adapter"
+TARGET_GROUPS = {"attn": ("w_q", "w_k", "w_v"), "conv": ("conv1", "conv2")}
 
 
-class LoraLayer(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (alpha/r) B A."""
+class LoraBase(nn.Module):
+    """A frozen layer plus a trainable low-rank update (alpha/r) B A. Subclasses say what A and B are."""
 
-    def __init__(self, base: nn.Linear, r=4, alpha=4.0, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout, a_shape, b_shape):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
-        self.base = base.requires_grad_(False)  # W0 and b: frozen
+        self.base = base.requires_grad_(False)  # W0 and b (or an adapter already stacked on them): frozen
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.enabled = True  # False: behave exactly like the base layer
+        self.enabled = True  # False: behave exactly like the layer underneath
         self.scale = 1.0     # blends the update: 0 = base model, 1 = full adapter
         self.merged_scale = None  # the scale folded into W0 while merged, else None
 
-    def delta_weight(self, scale=None):
-        """dW = scale * (alpha / r) * B A, shape [out, in]."""
-        scale = self.scale if scale is None else scale
-        return (self.lora_B @ self.lora_A) * (self.scaling * scale)
+    @property
+    def weight(self):
+        """W0: the weight of the plain layer at the bottom of the stack (where merges go)."""
+        return self.base.weight
 
     def forward(self, x):
         h = self.base(x)  # W0 x + b (W0 already holds dW when merged)
         if self.enabled and self.merged_scale is None and self.scale != 0:
-            # Two thin products, x -> A x (r numbers) -> B A x: never forms the out x in matrix.
-            h = h + (self.scaling * self.scale) * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+            h = h + (self.scaling * self.scale) * self.update(self.dropout(x))
         return h
 
     @torch.no_grad()
     def merge(self):
         """W0 <- W0 + dW: zero-overhead inference. A disabled adapter merges nothing."""
         if self.merged_scale is None and self.enabled:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
             self.merged_scale = self.scale
 
     @torch.no_grad()
     def unmerge(self):
         """W0 <- W0 - dW, with the dW that was merged."""
         if self.merged_scale is not None:
-            self.base.weight -= self.delta_weight(self.merged_scale).to(self.base.weight.dtype)
+            self.weight.sub_(self.delta_weight(self.merged_scale).to(self.weight.dtype))
             self.merged_scale = None
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}"
 
 
-def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.0):
-    """Swap every nn.Linear whose attribute name is in `targets` for a LoraLayer; freeze everything else.
+class LoraLayer(LoraBase):
+    """LoRA on an nn.Linear: A [r, in], B [out, r]."""
 
-    Returns the injected LoraLayers, in module order.
+    def __init__(self, base, r=4, alpha=4.0, dropout=0.0):
+        out_features, in_features = base.weight.shape
+        super().__init__(base, r, alpha, dropout, (r, in_features), (out_features, r))
+
+    def update(self, x):
+        # Two thin products, x -> A x (r numbers) -> B A x: never forms the out x in matrix.
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def delta_weight(self, scale=None):
+        """dW = scale * (alpha / r) * B A, shape [out, in]."""
+        scale = self.scale if scale is None else scale
+        return (self.lora_B @ self.lora_A) * (self.scaling * scale)
+
+
+class LoraConv2d(LoraBase):
+    """LoCon on an nn.Conv2d: A a k x k conv [r, in, k, k] (the base's stride and padding), B a 1 x 1 conv [out, r, 1, 1]."""
+
+    def __init__(self, base, r=4, alpha=4.0, dropout=0.0):
+        out_channels, in_channels, kh, kw = base.weight.shape
+        super().__init__(base, r, alpha, dropout, (r, in_channels, kh, kw), (out_channels, r, 1, 1))
+        conv = bottom(base)
+        self.stride, self.padding = conv.stride, conv.padding
+
+    def update(self, x):
+        return F.conv2d(F.conv2d(x, self.lora_A, stride=self.stride, padding=self.padding), self.lora_B)
+
+    def delta_weight(self, scale=None):
+        """dW[o, i] = scale * (alpha / r) * sum_j B[o, j] A[j, i], shape [out, in, k, k]."""
+        scale = self.scale if scale is None else scale
+        dW = self.lora_B.flatten(1) @ self.lora_A.flatten(1)  # [out, r] @ [r, in*k*k]
+        return dW.view(len(dW), *self.lora_A.shape[1:]) * (self.scaling * scale)
+
+
+def bottom(layer):
+    """The plain nn.Linear / nn.Conv2d under any stack of adapters."""
+    while isinstance(layer, LoraBase):
+        layer = layer.base
+    return layer
+
+
+def target_names(targets):
+    """('attn', 'conv') -> the layer names they stand for; a name that is no group stands for itself."""
+    return {name for t in targets for name in TARGET_GROUPS.get(t, (t,))}
+
+
+def inject_lora(model, targets=("attn",), r=4, alpha=4.0, dropout=0.0):
+    """Wrap every nn.Linear / nn.Conv2d whose attribute name is in `targets` (groups or names) in a LoRA
+    layer; freeze everything else. Returns {path of the layer in the base model: LoRA layer}, in module order.
     """
+    names = target_names(targets)
     model.requires_grad_(False)
-    layers = []
-    for module in list(model.modules()):
+    layers = {}
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraBase):
+            continue  # its children are the layer it wraps; the wrapper itself is what gets stacked on
         for name, child in list(module.named_children()):
-            if name in targets and isinstance(child, nn.Linear):
-                layer = LoraLayer(child, r, alpha, dropout)
+            kind = {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d}.get(type(bottom(child)))
+            if name in names and kind is not None:
+                layer = kind(child, r, alpha, dropout)
                 setattr(module, name, layer)
-                layers.append(layer)
+                layers[f"{path}.{name}" if path else name] = layer
     if not layers:
-        raise UserError(f"no nn.Linear named {'/'.join(targets)} found to adapt")
+        raise UserError(f"no layer named {'/'.join(sorted(names))} found to adapt")
     return layers
 
 
 def lora_layers(model):
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return [m for m in model.modules() if isinstance(m, LoraBase)]
 
 
 def set_lora(model, enabled=True, scale=1.0):
@@ -111,7 +171,7 @@ def merge_lora(model):
 
 
 def unmerge_lora(model):
-    for layer in lora_layers(model):
+    for layer in reversed(lora_layers(model)):
         layer.unmerge()
 
 
@@ -122,25 +182,29 @@ def parameter_report(model):
     return trainable, total
 
 
-def lora_state_dict(model):
-    """Only the adapter tensors: {'...w_q.lora_A': [r, in], '...w_q.lora_B': [out, r], ...}."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+def adapter_tensors(layers):
+    """{'down.1.attn.w_q.lora_A': [r, in], '...lora_B': [out, r], ...}: the adapter alone, keyed by layer path."""
+    return {f"{path}.{name}": getattr(layer, name).detach().clone()
+            for path, layer in layers.items() for name in ("lora_A", "lora_B")}
 
 
-def save_lora(path, model, config, base_fingerprint, step, optimizer=None, extra=None):
-    """Write an adapter-only file: the tensors, their config (r, alpha, targets) and the base's fingerprint."""
-    obj = dict(kind=ADAPTER_KIND, config=config, base_fingerprint=base_fingerprint, step=step,
-               tensors=lora_state_dict(model), **(extra or {}))
-    if optimizer is not None:
-        obj["optimizer"] = optimizer.state_dict()
-    save_file(obj, path)
+def save_lora(path, layers, config, base_fingerprint, step, dtype=torch.float32):
+    """Write an adapter file: its tensors, its config (r, alpha, targets, style, ...) and the base's fingerprint.
+
+    Only what a user shares; the optimizer state for --resume lives in a file of its own.
+    """
+    tensors = {k: v.to(dtype) for k, v in adapter_tensors(layers).items()}
+    save_file(dict(kind=ADAPTER_KIND, config=config, base_fingerprint=base_fingerprint, step=step,
+                   tensors=tensors), path)
 
 
-def load_lora(model, path, device="cpu"):
-    """Inject LoRA into a *base* model using the file's own config, then load the adapter tensors.
+def load_lora(model, path, device="cpu", base_fingerprint=None):
+    """Inject LoRA into a model using the file's own config, then load the adapter tensors.
 
-    Refuses, with a one-line UserError, a file from a different base model (fingerprint), or one whose
-    tensor names or shapes do not match the layers it describes. Returns the adapter file's dict.
+    The model must be the base the adapter was trained on: its fingerprint (of the weights without any
+    adapter; pass `base_fingerprint` when stacking a second adapter) must match the file's. Refuses, with a
+    one-line UserError, a file from another base, or one whose tensors do not fit the layers it describes.
+    Returns (adapter file dict, {path: LoRA layer}).
     """
     adapter = load_file(path, ADAPTER_KIND, device)
     try:
@@ -148,20 +212,23 @@ def load_lora(model, path, device="cpu"):
         r, alpha, targets = int(config["r"]), float(config["alpha"]), tuple(config["targets"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path} is a damaged adapter file (missing {e})")
-    if base_fp != fingerprint(model):
+    this_fp = base_fingerprint or fingerprint(model)
+    if base_fp != this_fp:
         raise UserError(f"{path} was trained on a different base model (fingerprint {base_fp}, "
-                        f"this checkpoint is {fingerprint(model)})")
-    inject_lora(model, targets, r, alpha, float(config.get("dropout", 0.0)))
-    expected = lora_state_dict(model)
+                        f"this checkpoint is {this_fp})")
+    layers = inject_lora(model, targets, r, alpha, float(config.get("dropout", 0.0)))
+    expected = {k: v.shape for k, v in adapter_tensors(layers).items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise UserError(f"{path} does not fit this model: missing {missing[:2]}, unexpected {unexpected[:2]}")
     for name, t in tensors.items():
-        if t.shape != expected[name].shape:
+        if t.shape != expected[name]:
             raise UserError(f"{path} does not fit this model: {name} has shape {tuple(t.shape)}, "
-                            f"expected {tuple(expected[name].shape)} (rank {r})")
-    params = dict(model.named_parameters())
+                            f"expected {tuple(expected[name])} (rank {r})")
+        if not torch.isfinite(t).all():
+            raise UserError(f"{path} holds non-finite numbers in {name}; the adapter is broken")
     with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
-    return adapter
+        for path_, layer in layers.items():
+            layer.lora_A.copy_(tensors[f"{path_}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{path_}.lora_B"])
+    return adapter, layers

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .checkpoint import fingerprint, load_file, save_file
 from .cli import autocast
 from .data import batches, from_uint8, load_mnist, to_uint8
+from .styles import STYLE_NAMES, apply_style, gap_closed, style_metric
 
 CLASSIFIER_KIND = "mnist-classifier"
 FLOOR_DRAWS = 5
@@ -64,7 +65,8 @@ class Classifier(nn.Module):
 
 def train_classifier(images, labels, epochs=4, batch_size=256, lr=2e-3, seed=0, max_shift=2):
     """Adam with a one-cycle schedule; random shifts of up to `max_shift` pixels so that it also reads
-    digits that are not centred the way MNIST's are."""
+    digits that are not centred the way MNIST's are, and each digit drawn in a random style (styles.py,
+    'none' included) so that it reads the styled digits a LoRA adapter learns to draw."""
     torch.manual_seed(seed)
     device = images.device
     model = Classifier().to(device)
@@ -77,6 +79,9 @@ def train_classifier(images, labels, epochs=4, batch_size=256, lr=2e-3, seed=0, 
         for x, y in batches(images, labels, batch_size, gen):
             shift = torch.randint(-max_shift, max_shift + 1, (2,)).tolist()
             x = torch.roll(x, shifts=shift, dims=(2, 3))
+            styled = torch.stack([apply_style(name, x) for name in STYLE_NAMES])  # [styles, B, 1, 28, 28]
+            pick = torch.randint(len(STYLE_NAMES), (len(x),), device=device)
+            x = styled[pick, torch.arange(len(x), device=device)]
             with autocast(device):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -170,24 +175,29 @@ def get_classifier(path, data_dir, device, epochs=4):
 
 
 class Judge:
-    """The classifier, the test set's features, and real-data floors (computed once per label mix)."""
+    """The classifier, the (styled) test sets' features, and real-data floors (computed once per label mix)."""
 
     def __init__(self, classifier_path, data_dir, device):
         self.classifier, self.test_accuracy = get_classifier(classifier_path, data_dir, device)
-        # FIDs are comparable only under one classifier, and retraining it elsewhere (another machine, even
-        # another CPU thread count) gives another one: every report carries this hash of its weights.
+        # FIDs are comparable only under one classifier: every report carries this hash of its weights.
         self.fingerprint = fingerprint(self.classifier)
         self.train_images, self.train_labels = load_mnist(data_dir, train=True, device=device)
-        test_images, self.test_labels = load_mnist(data_dir, train=False, device=device)
-        self.test_features = classify(self.classifier, test_images)[1]
-        self._floors = {}
+        self.test_images, self.test_labels = load_mnist(data_dir, train=False, device=device)
+        self._references, self._floors = {}, {}
 
-    def floor(self, labels, draws=FLOOR_DRAWS):
-        """What a perfect generator would score: real training images with the same labels as the samples,
-        scored against the same weighted test set. The mean of `draws` random draws: one draw of 10,000
-        varies by about 7% (3.25 +- 0.22, above), too much for the denominator of a ratio."""
+    def reference(self, style="none"):
+        """Features of the MNIST test set drawn in `style`: what samples of that style are compared with."""
+        if style not in self._references:
+            self._references[style] = classify(self.classifier, apply_style(style, self.test_images))[1]
+        return self._references[style]
+
+    def floor(self, labels, style="none", draws=FLOOR_DRAWS):
+        """What a perfect generator would score: real training images (in `style`) with the same labels as
+        the samples, scored against the same weighted test set. The mean of `draws` random draws: one draw
+        of 10,000 varies by about 7%, too much for the denominator of a ratio."""
         counts = torch.bincount(labels, minlength=10).tolist()
-        if tuple(counts) not in self._floors:
+        key = (style, tuple(counts))
+        if key not in self._floors:
             weights = label_weights(labels, self.test_labels)
             by_digit = [(self.train_labels == d).nonzero().flatten() for d in range(len(counts))]
             generator = torch.Generator().manual_seed(0)
@@ -195,13 +205,28 @@ class Judge:
             for _ in range(draws):
                 pick = torch.cat([idx[torch.randperm(len(idx), generator=generator)[:n].to(idx.device)]
                                   for idx, n in zip(by_digit, counts)])
-                features = classify(self.classifier, self.train_images[pick])[1]
-                fids.append(frechet_distance(features, self.test_features, weights))
-            self._floors[tuple(counts)] = sum(fids) / draws
-        return self._floors[tuple(counts)]
+                features = classify(self.classifier, apply_style(style, self.train_images[pick]))[1]
+                fids.append(frechet_distance(features, self.reference(style), weights))
+            self._floors[key] = sum(fids) / draws
+        return self._floors[key]
 
-    def __call__(self, images, labels):
-        """Scores samples [N,1,28,28] in [-1,1] with labels [N]; adds the floor for the same labels."""
-        result = score(self.classifier, images, labels, self.test_features, self.test_labels)
-        result["fid_floor"] = self.floor(labels)
+    def __call__(self, images, labels, style="none"):
+        """Scores samples [N,1,28,28] in [-1,1] with labels [N] against real digits in `style`; adds the floor."""
+        result = score(self.classifier, images, labels, self.reference(style), self.test_labels)
+        result["fid_floor"] = self.floor(labels, style)
         return result
+
+    def style_report(self, style, off, on, labels):
+        """How far an adapter moved samples toward `style`: its metric for real MNIST, real styled MNIST (the
+        target), LoRA off and LoRA on (same seeds), the share of the gap closed, and accuracy and FID against
+        real styled digits for off and on."""
+        metric_name, _ = style_metric(style, off[:1])
+        test = self.test_images
+        real = style_metric(style, test)[1]
+        target = style_metric(style, apply_style(style, test))[1]
+        target_accuracy = float((classify(self.classifier, apply_style(style, test))[0] == self.test_labels).double().mean())
+        off_score, on_score = self(off, labels, style), self(on, labels, style)
+        off_metric, on_metric = style_metric(style, off)[1], style_metric(style, on)[1]
+        return dict(style=style, metric=metric_name, real=real, target=target, target_accuracy=target_accuracy,
+                    off=dict(off_score, value=off_metric), on=dict(on_score, value=on_metric),
+                    gap_closed=gap_closed(off_metric, on_metric, target))

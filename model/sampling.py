@@ -1,19 +1,26 @@
 """Drawing digits from a trained checkpoint: what denoise.py, evaluate.py and bench.py share.
 
-    model, diffusion = load_sampler("checkpoints/model.pt", device, lora="checkpoints/lora.pt")
+    model, diffusion, ckpt = load_sampler("checkpoints/model.pt", device, loras=["checkpoints/lora.pt"])
     interval = resolve_interval("auto", diffusion)                     # (82, 578) for T = 1000
-    x = generate(model, diffusion, labels, steps=50, sampler="ddim", guidance=1.5, guidance_interval=interval)
+    x = generate(model, diffusion, labels, steps=20, sampler="ddim", guidance=1.5, guidance_interval=interval)
 
 The samplers themselves are in diffusion.py; this file adds what a run needs around them: the model (its
-averaged weights, with or without an adapter), the default guidance interval worked out for the model's
-own schedule, and sampling in seeded batches under bf16 autocast, with a progress bar.
+averaged weights, with any number of adapters stacked on it), the sampling settings of the checkpoint's
+preset, the default guidance interval worked out for the model's own schedule, and sampling in seeded
+batches under bf16 autocast (on CUDA), with a progress bar.
 """
+import os
+
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_model
-from .cli import UserError, autocast
-from .lora import load_lora, merge_lora, set_lora
+from .checkpoint import fingerprint, load_model
+from .cli import UserError, autocast, fraction, nonnegative_float, positive_int, prepare_model
+from .config import PRESETS, preset_for, with_flags
+from .lora import load_lora, merge_lora
+
+# Where the scripts look for a model when --ckpt is not given: your own, else the one that ships.
+OWN_CHECKPOINT, SHIPPED_CHECKPOINT = "checkpoints/model.pt", "pretrained/model.pt"
 
 GUIDANCE_SIGMAS = (0.28, 5.42)  # guide where sigma_t is in (0.28, 5.42]: Kynkaanniemi et al. 2024, ImageNet
 
@@ -41,12 +48,58 @@ def resolve_interval(interval, diffusion):
         raise UserError(f"--guidance-interval auto: {e}; give the steps as FIRST,LAST or use all")
 
 
-def sampling_settings(args, interval, diffusion):
-    """Diffusion.sample's keyword arguments from the command line, checked against the model's schedule."""
-    if not 1 <= args.steps <= diffusion.T:
-        raise UserError(f"--steps must be between 1 and T = {diffusion.T}, got {args.steps}")
-    return dict(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                guidance_interval=resolve_interval(interval, diffusion))
+def add_sampling_flags(p):
+    """The flags denoise.py and evaluate.py share. Defaults of None come from the checkpoint's preset."""
+    p.add_argument("--ckpt", help=f"trained model checkpoint (default: {OWN_CHECKPOINT} if it exists, "
+                                  f"else the shipped {SHIPPED_CHECKPOINT})")
+    p.add_argument("--lora", nargs="+", metavar="ADAPTER", default=[],
+                   help="LoRA adapter file(s) (lora_finetune.py --out); several stack, e.g. bold.pt italic.pt")
+    p.add_argument("--lora-scale", nargs="+", type=nonnegative_float, metavar="S",
+                   help="blend each adapter: 0 = off, 1 = full (one value for all, or one per adapter)")
+    p.add_argument("--digits", default="0-9", help="which digits, e.g. 0-9, 3 or 1,4,7")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="reverse process")
+    p.add_argument("--steps", type=positive_int, help="denoising steps, at most T (default: the preset's)")
+    p.add_argument("--eta", type=fraction, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
+    p.add_argument("--guidance", type=nonnegative_float,
+                   help="classifier-free guidance scale s: 1 = plain conditional, >1 = stronger (default: the preset's)")
+    p.add_argument("--guidance-interval", default="auto",
+                   help="steps where guidance acts: auto, all, or FIRST,LAST (see denoise.py --help)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and the sampler")
+    p.add_argument("--batch-size", type=positive_int, help="digits sampled at once (default: the preset's)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
+
+
+def default_checkpoint(path):
+    """The checkpoint to sample from: the one named, else your own, else the shipped one."""
+    if path:
+        return path
+    if os.path.exists(OWN_CHECKPOINT) or not os.path.exists(SHIPPED_CHECKPOINT):
+        return OWN_CHECKPOINT
+    print(f"using the shipped model {SHIPPED_CHECKPOINT} (train your own with train.py)")
+    return SHIPPED_CHECKPOINT
+
+
+def lora_scales(args):
+    """One scale per --lora adapter: none given -> 1 each; one given -> that for all."""
+    scales = args.lora_scale or [1.0]
+    if not args.lora and args.lora_scale:
+        raise UserError("--lora-scale needs an adapter: add --lora PATH")
+    if len(scales) == 1:
+        return scales * len(args.lora)
+    if len(scales) != len(args.lora):
+        raise UserError(f"--lora-scale: give one value, or one per adapter ({len(args.lora)}), got {len(scales)}")
+    return scales
+
+
+def sampling_settings(args, ckpt, interval, diffusion, device):
+    """Diffusion.sample's keyword arguments and the batch size: the checkpoint's preset, then the flags,
+    checked against the model's schedule."""
+    preset = ckpt.get("preset") or preset_for(device)
+    config = with_flags(PRESETS[preset]["sample"], args)
+    if not 1 <= config.steps <= diffusion.T:
+        raise UserError(f"--steps must be between 1 and T = {diffusion.T}, got {config.steps}")
+    return dict(steps=config.steps, sampler=args.sampler, eta=args.eta, guidance=config.guidance,
+                guidance_interval=resolve_interval(interval, diffusion)), config.batch_size
 
 
 def describe(sampler, steps, guidance, guidance_interval=None, **_):
@@ -57,16 +110,33 @@ def describe(sampler, steps, guidance, guidance_interval=None, **_):
     return name
 
 
-def load_sampler(ckpt, device, weights="ema", lora=None, lora_scale=1.0, merge=False):
-    """The model to sample from: a checkpoint's weights, optionally with a LoRA adapter (blended/merged)."""
-    model, diffusion, _ = load_model(ckpt, device, weights=weights)
-    model.eval()
-    if lora:
-        load_lora(model, lora, device)
-        set_lora(model, enabled=True, scale=lora_scale)
-        if merge:
-            merge_lora(model)
-    return model, diffusion
+def load_sampler(ckpt, device, weights="ema", loras=(), scales=None, merge=False):
+    """The model to sample from: a checkpoint's weights, with any number of LoRA adapters stacked on it,
+    each at its own scale (and folded into the weights with `merge`).
+
+    Returns (model, diffusion, checkpoint dict, [(adapter file dict, its LoRA layers), ...]).
+    """
+    model, diffusion, checkpoint = load_model(ckpt, device, weights=weights)
+    model = prepare_model(model.eval(), device)
+    base_fp = fingerprint(model)  # every adapter must have been trained on this base, not on base + another
+    adapters = []
+    for path, scale in zip(loras, scales or [1.0] * len(loras)):
+        try:
+            adapter, layers = load_lora(model, path, device, base_fingerprint=base_fp)
+        except UserError as e:
+            hint = f" (the shipped adapters go with --ckpt {SHIPPED_CHECKPOINT})" if "different base" in str(e) else ""
+            raise UserError(f"{e}{hint}")
+        for layer in layers.values():
+            layer.scale = scale
+        adapters.append((adapter, layers))
+    if merge:
+        merge_lora(model)
+    return model, diffusion, checkpoint, adapters
+
+
+def adapter_name(adapters):
+    """'bold', or 'bold+italic' for stacked adapters: from the styles recorded in the adapter files."""
+    return "+".join(a["config"].get("style", "lora") for a, _ in adapters)
 
 
 def generate(model, diffusion, labels, steps=50, sampler="ddim", eta=None, guidance=1.0, seed=0,

@@ -9,6 +9,7 @@ from model.checkpoint import fingerprint, load_model, save_model
 from model.cli import UserError
 from model.diffusion import Diffusion
 from model.ema import EMA
+from model.trainer import rng_state
 
 
 def _save(model, path, device="cpu"):
@@ -18,7 +19,7 @@ def _save(model, path, device="cpu"):
           torch.tensor([3, 4], device=device)).mean().backward()
     opt.step()
     save_model(path, model, EMA(model), Diffusion(T=200), opt, step=7, losses=[1.0, 0.5], seconds=1.5,
-               args={"lr": 1e-3})
+               preset="cpu", train={"lr": 1e-3}, rng=rng_state(torch.device(device)))
     return model
 
 
@@ -74,3 +75,13 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     torch.save({"kind": "mnist-diffusion", "config": {"channels": (8, 8, 8)}, "ema": {}}, tmp_path / "old.pt")
     with pytest.raises(UserError, match="does not match"):
         load_model(str(tmp_path / "old.pt"))
+
+
+def test_non_finite_weights_are_refused(tiny_model, tmp_path):
+    path = str(tmp_path / "m.pt")
+    _save(tiny_model, path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["ema"]["stem.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="non-finite"):
+        load_model(path)

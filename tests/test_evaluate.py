@@ -92,6 +92,7 @@ def test_the_floor_uses_real_images_with_the_samples_labels(data_dir, tmp_path, 
     classifier = str(tmp_path / "classifier.pt")
     save_file(dict(kind=metrics.CLASSIFIER_KIND, model=model.state_dict(), test_accuracy=1.0), classifier)
     judge = metrics.Judge(classifier, data_dir, torch.device("cpu"))
+    judge.reference()  # the test set's features, computed once before we count the floor's draws
     drawn = []
     real_classify = metrics.classify
     monkeypatch.setattr(metrics, "classify", lambda m, x: drawn.append(x) or real_classify(m, x))

@@ -6,8 +6,8 @@ import torch
 
 from model.cli import UserError
 from model.diffusion import Diffusion
-from model.lora import (LoraLayer, inject_lora, load_lora, lora_state_dict, merge_lora, parameter_report,
-                        save_lora, set_lora, unmerge_lora)
+from model.lora import (LoraBase, LoraConv2d, LoraLayer, adapter_tensors, inject_lora, load_lora, merge_lora,
+                        parameter_report, save_lora, set_lora, unmerge_lora)
 from model.checkpoint import fingerprint
 from model.unet import UNet
 
@@ -31,14 +31,14 @@ def base_model(seed=0, frozen=False):
     return UNet(**TINY).requires_grad_(not frozen)
 
 
-def trained_lora(steps=10, lr=1e-2):
+def trained_lora(steps=10, lr=1e-2, targets=("attn",), seed=1):
     """A base model and a copy with a LoRA adapter trained for a few steps (all in fp32, CPU)."""
     base = base_model(frozen=True)
     model = base_model()
-    inject_lora(model, r=4, alpha=8)
+    inject_lora(model, targets, r=4, alpha=8)
     d = Diffusion(T=100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model.train()
     for _ in range(steps):
         loss = d.loss(model, torch.rand(16, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (16,)), p_uncond=0.1)
@@ -64,12 +64,12 @@ def test_layer_formula_and_init():
 
 def test_injection_is_bit_identical_at_init_and_freezes_the_base():
     base, model = base_model(frozen=True), base_model()
-    layers = inject_lora(model, r=4, alpha=4)
+    layers = inject_lora(model, ("attn",), r=4, alpha=4)
     assert len(layers) == 15  # w_q, w_k, w_v in each of the 5 attention blocks
-    assert all(torch.equal(l.lora_B, torch.zeros_like(l.lora_B)) for l in layers)
+    assert all(torch.equal(l.lora_B, torch.zeros_like(l.lora_B)) for l in layers.values())
     assert torch.equal(run(model), run(base))
     trainable, total = parameter_report(model)
-    assert trainable == sum(l.lora_A.numel() + l.lora_B.numel() for l in layers)
+    assert trainable == sum(l.lora_A.numel() + l.lora_B.numel() for l in layers.values())
     assert trainable / total < 0.05
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
 
@@ -81,7 +81,7 @@ def test_training_changes_only_the_adapter_and_wakes_up_w_q_and_w_k():
         if name.endswith(("lora_A", "lora_B")):
             continue
         assert torch.equal(tensor, base_sd[name.replace(".base.", ".")]), f"{name} changed"
-    for name, tensor in lora_state_dict(model).items():
+    for name, tensor in adapter_tensors(adapted(model)).items():
         if name.endswith("lora_B"):  # every B, w_q's and w_k's included, has left zero
             assert tensor.abs().max() > 1e-4, f"{name} did not learn"
     assert not torch.equal(run(model), run(base))
@@ -92,8 +92,8 @@ def test_scale_and_disable():
     full = run(model)
     set_lora(model, enabled=True, scale=0.0)
     assert torch.equal(run(model), run(base))
-    set_lora(model, enabled=False)
-    assert torch.equal(run(model), run(base))
+    set_lora(model, enabled=False)  # W0 is back up to rounding: so is the base model's output
+    assert (run(model) - run(base)).abs().max() < 1e-5
     set_lora(model, enabled=True, scale=0.5)  # a blend lies strictly between the two
     half = run(model)
     assert not torch.equal(half, full) and not torch.equal(half, run(base))
@@ -101,32 +101,42 @@ def test_scale_and_disable():
     assert torch.equal(run(model), full)
 
 
-def test_merge_and_unmerge():
-    base, model = trained_lora()
-    W0 = {n: m.base.weight.clone() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+@pytest.mark.parametrize("targets", [("attn",), ("conv",)])
+def test_merge_and_unmerge(targets):
+    base, model = trained_lora(targets=targets)
+    W0 = {n: m.base.weight.clone() for n, m in model.named_modules() if isinstance(m, LoraBase)}
     unmerged = run(model)
     merge_lora(model)
     assert (run(model) - unmerged).abs().max() < 1e-5
     assert not torch.equal(run(model), run(base))
     unmerge_lora(model)
     for n, m in model.named_modules():
-        if isinstance(m, LoraLayer):
+        if isinstance(m, LoraBase):
             assert (m.base.weight - W0[n]).abs().max() < 1e-6
     assert (run(model) - unmerged).abs().max() < 1e-5
 
 
-def _save_adapter(tmp_path, model, base):
-    path = str(tmp_path / "lora.pt")
-    save_lora(path, model, dict(r=4, alpha=8.0, targets=["w_q", "w_k", "w_v"]), fingerprint(base), step=10)
+def adapted(model):
+    """{path in the base model: LoRA layer} of a model with one adapter."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraBase)}
+
+
+def _save_adapter(tmp_path, model, base, targets=("attn",), name="lora.pt", style="bold"):
+    path = str(tmp_path / name)
+    save_lora(path, adapted(model), dict(r=4, alpha=8.0, targets=list(targets), style=style), fingerprint(base),
+              step=10)
     return path
 
 
-def test_adapter_file_round_trip(tmp_path):
-    base, model = trained_lora()
-    path = _save_adapter(tmp_path, model, base)
+@pytest.mark.parametrize("targets", [("attn",), ("attn", "conv")])
+def test_adapter_file_round_trip(tmp_path, targets):
+    base, model = trained_lora(targets=targets)
+    path = _save_adapter(tmp_path, model, base, targets)
     fresh = base_model()
-    adapter = load_lora(fresh, path)
-    assert adapter["step"] == 10 and set(adapter["tensors"]) == set(lora_state_dict(model))
+    adapter, layers = load_lora(fresh, path)
+    assert adapter["step"] == 10 and adapter["config"]["style"] == "bold"
+    assert set(adapter["tensors"]) == set(adapter_tensors(adapted(model)))
+    assert set(adapter) == {"kind", "config", "base_fingerprint", "step", "tensors"}  # the adapter, nothing else
     assert torch.equal(run(fresh), run(model))
 
 
@@ -147,3 +157,44 @@ def test_adapter_file_refuses_what_does_not_fit(tmp_path):
         load_lora(base_model(), str(tmp_path / "missing.pt"))
     with pytest.raises(UserError, match="not found"):
         load_lora(base_model(), str(tmp_path / "nope.pt"))
+
+
+def test_conv_lora_is_exact_at_init_and_its_merge_is_one_conv():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)
+    layer = LoraConv2d(conv, r=2, alpha=3.0)
+    x = torch.randn(2, 6, 9, 9)
+    assert torch.equal(layer(x), conv(x))  # B = 0: bit-identical
+    assert layer.lora_A.shape == (2, 6, 3, 3) and layer.lora_B.shape == (5, 2, 1, 1)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    merged = torch.nn.functional.conv2d(x, conv.weight + layer.delta_weight(), conv.bias, stride=2, padding=1)
+    assert (layer(x) - merged).abs().max() < 1e-5  # 1x1 after kxk = one kxk conv with kernel B A
+
+
+def test_two_adapters_stack_scale_and_unmerge_exactly(tmp_path):
+    base, attn_model = trained_lora(targets=("attn",))
+    _, both_model = trained_lora(targets=("attn", "conv"), seed=2)
+    first = _save_adapter(tmp_path, attn_model, base, ("attn",), "a.pt", "bold")
+    second = _save_adapter(tmp_path, both_model, base, ("attn", "conv"), "b.pt", "italic")
+    model = base_model()
+    base_fp = fingerprint(model)
+    _, layers_a = load_lora(model, first, base_fingerprint=base_fp)
+    _, layers_b = load_lora(model, second, base_fingerprint=base_fp)  # w_q etc. now wrap an adapter already
+    assert isinstance(layers_b["mid_attn.w_q"].base, LoraLayer)
+    with_both = run(model)
+    for layer in layers_b.values():
+        layer.scale = 0.0
+    assert (run(model) - run(attn_model)).abs().max() < 1e-6  # the second adapter at scale 0: the first alone
+    for layer in layers_b.values():
+        layer.scale = 1.0
+    assert not torch.equal(with_both, run(attn_model)) and not torch.equal(with_both, run(both_model))
+    W0 = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    merge_lora(model)
+    assert (run(model) - with_both).abs().max() < 1e-5
+    unmerge_lora(model)
+    for n, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            assert (m.weight - W0[n]).abs().max() < 1e-6, n
+    set_lora(model, enabled=False)  # W0 is back up to rounding: so is the base model's output
+    assert (run(model) - run(base)).abs().max() < 1e-5

@@ -16,10 +16,11 @@ import train
 from model.checkpoint import load_model
 from model.cli import UserError
 from model import trainer
+from model.config import PRESETS
 from model.diffusion import Diffusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--channels", "16,32,32", "--batch-size", "16", "--device", "cpu"]
+TINY = ["--channels", "16,32,32", "--batch-size", "16", "--epochs", "3", "--device", "cpu"]  # 4 steps an epoch
 
 
 def _train(data_dir, tmp_path, *extra):
@@ -32,19 +33,79 @@ def test_train_writes_checkpoint_and_figures_and_resumes(data_dir, tmp_path):
     out = _train(data_dir, tmp_path, "--max-steps", "3")
     _, _, ckpt = load_model(out)
     assert ckpt["step"] == 3 and len(ckpt["losses"]) == 3 and ckpt["config"]["channels"] == (16, 32, 32)
+    assert ckpt["preset"] == "cpu" and ckpt["train"]["batch_size"] == 16
     assert {"loss.png", "forward_noising.png"} <= set(os.listdir(tmp_path / "fig"))
     _train(data_dir, tmp_path, "--max-steps", "6", "--resume")  # 64 images / 16 = 4 steps an epoch
     _, _, ckpt = load_model(out)
     assert ckpt["step"] == 6 and len(ckpt["losses"]) == 6
 
 
-def test_the_default_model_on_a_cpu_points_to_the_small_config(data_dir, tmp_path, capsys):
+def test_presets_follow_the_device_and_the_checkpoint_and_flags_win(data_dir, tmp_path, capsys):
     common = ["--data-dir", data_dir, "--figures", str(tmp_path / "fig"), "--batch-size", "16", "--max-steps", "1",
               "--device", "cpu"]
-    train.main([*common, "--out", str(tmp_path / "default.pt")])
-    assert "small CPU config (--channels 32,64,64 --batch-size 64 --epochs 1)" in capsys.readouterr().out
-    train.main([*common, "--out", str(tmp_path / "small.pt"), "--channels", "32,64,64"])
-    assert "small CPU config" not in capsys.readouterr().out
+    train.main([*common, "--out", str(tmp_path / "cpu.pt")])  # no GPU here: the cpu preset
+    _, _, ckpt = load_model(str(tmp_path / "cpu.pt"))
+    assert ckpt["preset"] == "cpu" and ckpt["config"]["channels"] == PRESETS["cpu"]["train"].channels
+    assert ckpt["train"]["batch_size"] == 16 and ckpt["train"]["lr"] == PRESETS["cpu"]["train"].lr  # a flag wins
+    train.main([*common, "--out", str(tmp_path / "gpu.pt"), "--preset", "gpu", "--channels", "16,32,32"])
+    _, _, ckpt = load_model(str(tmp_path / "gpu.pt"))
+    assert ckpt["preset"] == "gpu" and ckpt["config"]["channels"] == (16, 32, 32)
+    assert ckpt["train"]["epochs"] == PRESETS["gpu"]["train"].epochs
+    for preset in ("cpu", "gpu"):  # lora_finetune.py and denoise.py follow the checkpoint's preset
+        adapter = str(tmp_path / f"{preset}-lora.pt")
+        lora_finetune.main(["--base", str(tmp_path / f"{preset}.pt"), "--out", adapter, "--data-dir", data_dir,
+                            "--max-steps", "1", "--batch-size", "16", "--targets", "attn", "--device", "cpu",
+                            "--figures", str(tmp_path / "fig")])
+        config = torch.load(adapter, weights_only=True)["config"]
+        expected = PRESETS[preset]["lora"]
+        assert (config["total_steps"], config["epochs"], config["rank"]) == \
+            (expected.total_steps, expected.epochs, expected.rank)
+        capsys.readouterr()
+        denoise.main(["--ckpt", str(tmp_path / f"{preset}.pt"), "--per-digit", "1", "--digits", "3", "--device", "cpu",
+                      "--out", str(tmp_path / "s.png"), "--process", ""])
+        assert f"DDIM-{PRESETS[preset]['sample'].steps}," in capsys.readouterr().out
+    denoise.main(["--ckpt", str(tmp_path / "cpu.pt"), "--steps", "3", "--per-digit", "1", "--digits", "3",
+                  "--device", "cpu", "--out", str(tmp_path / "s.png"), "--process", ""])
+    assert "DDIM-3," in capsys.readouterr().out
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = _train(data_dir, tmp_path / "a", "--max-steps", "8")  # 4 steps an epoch
+    stopped = _train(data_dir, tmp_path / "b", "--max-steps", "3")  # stopped mid-epoch, then trained on
+    _train(data_dir, tmp_path / "b", "--max-steps", "8", "--resume")
+    a, b = (torch.load(p, weights_only=True) for p in (straight, stopped))
+    assert a["losses"] == b["losses"] and a["step"] == b["step"] == 8
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+
+
+def test_nothing_is_overwritten_or_mixed_without_being_asked(data_dir, tmp_path):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "2")
+    before = open(ckpt, "rb").read()
+    with pytest.raises(UserError, match="--resume .* --force"):
+        _train(data_dir, tmp_path, "--max-steps", "2")
+    with pytest.raises(UserError, match="--lr"):  # resuming with another learning rate would mix two runs
+        _train(data_dir, tmp_path, "--max-steps", "4", "--resume", "--lr", "1e-3")
+    with pytest.raises(UserError, match="already at step 2"):
+        _train(data_dir, tmp_path, "--max-steps", "1", "--resume")
+    assert open(ckpt, "rb").read() == before
+    _train(data_dir, tmp_path, "--max-steps", "1", "--force")
+    assert load_model(ckpt)[2]["step"] == 1
+    with pytest.raises(UserError, match="base checkpoint"):
+        lora_finetune.main(["--base", ckpt, "--out", ckpt, "--device", "cpu"])
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "4")
+    before = open(ckpt, "rb").read()
+    real_loss = Diffusion.loss
+    monkeypatch.setattr(Diffusion, "loss", lambda self, *a, **k: real_loss(self, *a, **k) * float("nan"))
+    with pytest.raises(trainer.NonFiniteLoss, match="non-finite"):
+        _train(data_dir, tmp_path, "--max-steps", "8", "--resume")
+    assert open(ckpt, "rb").read() == before
 
 
 def test_a_short_schedule_trains_and_samples(data_dir, tmp_path):
@@ -124,24 +185,33 @@ def test_evaluate_scores_the_same_digits_the_same_from_a_checkpoint_or_an_export
     assert scores[0] == scores[1]
 
 
-def test_lora_finetune_then_compare(data_dir, tmp_path):
+def test_lora_learns_a_style_and_compare_really_switches_it_off(data_dir, tmp_path, capsys):
     ckpt = _train(data_dir, tmp_path, "--max-steps", "2")
     adapter = str(tmp_path / "lora.pt")
-    info = lora_finetune.main(["--base", ckpt, "--out", adapter, "--data-dir", data_dir, "--max-steps", "3",
-                               "--batch-size", "16", "--rank", "2", "--device", "cpu",
-                               "--figures", str(tmp_path / "fig")])
+    tune = ["--base", ckpt, "--out", adapter, "--data-dir", data_dir, "--batch-size", "16", "--device", "cpu",
+            "--figures", str(tmp_path / "fig"), "--lr", "0.05", "--style", "bold"]
+    info = lora_finetune.main([*tune, "--max-steps", "3", "--rank", "2", "--targets", "attn"])
     assert info["lora_bytes"] < info["base_bytes"] / 10 and info["trainable"] / info["total"] < 0.05
-    info = lora_finetune.main(["--base", ckpt, "--out", adapter, "--data-dir", data_dir, "--max-steps", "5",
-                               "--batch-size", "16", "--device", "cpu", "--resume",
-                               "--figures", str(tmp_path / "fig")])
-    assert torch.load(adapter, weights_only=True)["step"] == 5
-    compare = str(tmp_path / "compare.png")
-    common = ["--ckpt", ckpt, "--lora", adapter, "--steps", "3", "--per-digit", "2", "--device", "cpu",
-              "--process", ""]
-    plain = denoise.main(common + ["--out", str(tmp_path / "l.png"), "--compare", "--compare-out", compare])
-    merged = denoise.main(common + ["--out", str(tmp_path / "m.png"), "--merge"])
-    assert os.path.getsize(compare) > 1000
+    lora_finetune.main([*tune, "--max-steps", "5", "--resume"])
+    saved = torch.load(adapter, weights_only=True)
+    assert saved["step"] == 5 and saved["config"]["style"] == "bold" and saved["config"]["r"] == 2
+    assert "optimizer" not in saved and os.path.exists(str(tmp_path / "lora.resume.pt"))  # shared file: adapter only
+    common = ["--ckpt", ckpt, "--steps", "3", "--per-digit", "2", "--device", "cpu", "--process", "",
+              "--figures", str(tmp_path / "fig")]
+    base = denoise.main(common + ["--out", str(tmp_path / "b.png")])
+    plain = denoise.main(common + ["--lora", adapter, "--compare", "--sweep"])
+    merged = denoise.main(common + ["--lora", adapter, "--out", str(tmp_path / "m.png"), "--merge"])
+    assert torch.equal(plain["off"], base["images"])  # LoRA off is the base model, seed for seed
+    assert not torch.equal(plain["images"], base["images"])  # and LoRA on is not
     assert (plain["images"].int() - merged["images"].int()).abs().max() <= 1  # uint8 rounding at most
+    for name in ("samples_bold.png", "compare_bold.png", "sweep_bold.png", "sweep_bold.gif"):
+        assert os.path.getsize(tmp_path / "fig" / name) > 1000, name
+    capsys.readouterr()
+    evaluate.main(["--ckpt", ckpt, "--lora", adapter, "--steps", "2", "--per-digit", "2", "--device", "cpu",
+                   "--classifier", str(tmp_path / "classifier.pt"), "--data-dir", data_dir, "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["style"] == "bold" and report["metric"] == "ink" and report["target"] > report["real"]
+    assert set(report["on"]) >= {"accuracy", "fid", "fid_floor", "value"} and "gap_closed" in report
 
 
 def _cli(*args):
