@@ -2,6 +2,7 @@
 
     python bench.py                 # trains the default model and adapter, then measures (one GPU)
     python bench.py --skip-train    # measures existing checkpoints only
+    python bench.py --speed --device cpu   # speed only: the preset's setting against plain fp32, FLOP rate
 
 Writes a markdown report (--out) and the figures guidance.png (one row per guidance scale) and steps.png
 (quality against sampling steps). Every number comes from this run on this machine; the report names the
@@ -22,7 +23,8 @@ import torch  # noqa: E402
 
 import lora_finetune  # noqa: E402
 import train  # noqa: E402
-from model.cli import Parser, UserError, pick_device, positive_int, run_cli  # noqa: E402
+from model.cli import Parser, check_writable, pick_device, positive_int, run_cli  # noqa: E402
+from model.config import TrainConfig  # noqa: E402
 from model.figures import save_grid  # noqa: E402
 from model.lora import merge_lora  # noqa: E402
 from model.metrics import FLOOR_DRAWS, Judge  # noqa: E402
@@ -49,10 +51,15 @@ def parse_args(argv=None):
                    help="sampler rows, e.g. ddim-50,ddpm-1000; '@N' sets N samples per digit for one row")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/")
-    p.add_argument("--classifier", default="checkpoints/classifier.pt", help="cached evaluation classifier")
+    p.add_argument("--classifier", default="pretrained/classifier.pt", help="evaluation classifier")
     p.add_argument("--figures", default="figure", help="folder for guidance.png and steps.png")
-    p.add_argument("--out", default="figure/benchmark.md", help="markdown report (a .json beside it too)")
+    p.add_argument("--out", help="markdown report, a .json beside it (default figure/benchmark.md; with --speed: "
+                                 "printed only)")
     p.add_argument("--train-args", default="", help="extra flags for train.py, e.g. '--epochs 5'")
+    p.add_argument("--speed", action="store_true",
+                   help="measure speed only (no training, no scoring): the training step and the sampler, with the "
+                        "preset's setting and with plain fp32, and the FLOP rate against the machine's peak")
+    p.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto", help="the model --speed measures")
     return p.parse_args(argv)
 
 
@@ -62,7 +69,7 @@ def parse_samplers(text):
     for spec in text.split(","):
         m = re.fullmatch(r"(ddim|ddpm)-([1-9][0-9]*)(?:@([1-9][0-9]*))?", spec.strip())
         if not m:
-            raise UserError(f"--samplers: expected rows like ddim-50 or ddpm-1000@100, got {spec!r}")
+            raise ValueError(f"--samplers: expected rows like ddim-50 or ddpm-1000@100, got {spec!r}")
         rows.append((m[1], int(m[2]), int(m[3]) if m[3] else None))
     return rows
 
@@ -94,12 +101,15 @@ def main(argv=None):
     interval = parse_interval(args.guidance_interval)  # bad values fail now, not after the training
     samplers = parse_samplers(args.samplers)
     device = pick_device(args.device)
-    if device.type == "cuda":
-        hardware = f"one {torch.cuda.get_device_name()}"
-    else:
-        hardware = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+    hardware = hardware_name(device)
     report = dict(hardware=hardware, torch=torch.__version__)
     print(f"benchmark on {hardware}, PyTorch {torch.__version__}")
+    if args.speed:
+        return speed(args, device)
+    args.out = args.out or "figure/benchmark.md"
+    check_writable(args.out)  # a report that cannot be written fails now, not after the whole run
+    if not args.skip_train and max(steps for _, steps, _ in samplers) > TrainConfig.T:
+        raise ValueError(f"--samplers: at most T = {TrainConfig.T} steps, got {args.samplers}")
 
     def write():
         """Rewrite the report after every section, so that a long run that is stopped keeps what it has."""
@@ -126,7 +136,7 @@ def main(argv=None):
     lora_model, _, _, _ = load_sampler(args.ckpt, device, loras=[args.lora])
     interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
     if max(steps for _, steps, _ in samplers) > diffusion.T:
-        raise UserError(f"--samplers: at most T = {diffusion.T} steps, got {args.samplers}")
+        raise ValueError(f"--samplers: at most T = {diffusion.T} steps, got {args.samplers}")
     net = torch.compile(model, dynamic=False) if args.compile else model
     report["params"] = sum(p.numel() for p in model.parameters())
     start = time.time()
@@ -185,6 +195,105 @@ def main(argv=None):
         save_steps_plot(os.path.join(args.figures, "steps.png"), eager)
         write()
     print(to_markdown(report, args))
+
+
+def cpu_peak():
+    """A stated estimate of the CPU's fp32 peak: cores x clock x FLOP per cycle (two FMA units of the widest
+    vector PyTorch uses: 64 FLOP/cycle with AVX-512, 32 with AVX2). Returns (FLOP/s, how it was estimated)."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    per_cycle = 64 if "512" in isa else 32 if "AVX2" in isa else 8
+    mhz = 0.0
+    if os.path.exists("/proc/cpuinfo"):
+        mhz = max([float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")] or [0])
+    ghz, cores = (mhz / 1000 or 2.0), torch.get_num_threads()
+    return cores * ghz * 1e9 * per_cycle, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({isa})"
+
+
+def speed(args, device, steps=20, digits=100):
+    """Training images/s and sampling digits/s of the preset's model, the way the scripts run it and as plain
+    fp32 eager (contiguous tensors, no autocast), and the training step's FLOP rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.cli import prepare_model
+    from model.config import PRESETS, preset_for
+    from model.diffusion import Diffusion
+    from model.unet import DEFAULT_CONFIG, UNet
+
+    preset = preset_for(device) if args.preset == "auto" else args.preset
+    train, sample = PRESETS[preset]["train"], PRESETS[preset]["sample"]
+    diffusion = Diffusion(train.T)
+    x = torch.rand(train.batch_size, 1, 28, 28, device=device) * 2 - 1
+    y = torch.randint(0, 10, (train.batch_size,), device=device)
+    autocast = lambda on: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on and device.type == "cuda")
+
+    def build(chosen):
+        torch.manual_seed(0)
+        model = UNet(**{**DEFAULT_CONFIG, "channels": train.channels, "attn_levels": train.attn_levels}).to(device)
+        return prepare_model(model, device) if chosen else model
+
+    def train_rate(chosen):
+        model = build(chosen)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with autocast(chosen):
+                loss = diffusion.loss(model, x, y, train.p_uncond, train.min_snr_gamma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for _ in range(3):
+            step()
+        sync(device)
+        start = time.time()
+        for _ in range(steps):
+            step()
+        sync(device)
+        return train.batch_size * steps / (time.time() - start)
+
+    def sample_rate(chosen):
+        model = build(chosen).eval()
+        labels = torch.arange(10, device=device).repeat_interleave(digits // 10)
+        interval = resolve_interval("auto", diffusion)
+        with autocast(chosen):
+            generate(model, diffusion, labels, steps=2, guidance=sample.guidance, guidance_interval=interval)
+            sync(device)
+            start = time.time()
+            generate(model, diffusion, labels, steps=sample.steps, guidance=sample.guidance, guidance_interval=interval)
+            sync(device)
+        return digits / (time.time() - start)
+
+    model = build(False)
+    with FlopCounterMode(display=False) as counter:
+        diffusion.loss(model, x, y, 0.0, train.min_snr_gamma).backward()
+    flop_per_image = counter.get_total_flops() / train.batch_size
+    rows = [("the scripts' setting", train_rate(True), sample_rate(True)),
+            ("plain fp32 eager", train_rate(False), sample_rate(False))]
+    lines = [f"# Speed: the {preset} preset's UNet ({','.join(map(str, train.channels))}), {hardware_name(device)}, "
+             f"PyTorch {torch.__version__}\n",
+             f"| setting | training step (batch {train.batch_size}) | sampling {digits} digits "
+             f"(DDIM-{sample.steps}, guidance {sample.guidance:g} on the interval) |", "|---|---|---|"]
+    lines += [f"| {name} | {t:,.0f} images/s | {s:,.1f} digits/s ({digits / s:.2f} s) |" for name, t, s in rows]
+    lines += ["", f"Training step: {flop_per_image / 1e9:.3f} GFLOP per image (forward + backward, counted by "
+                  f"torch.utils.flop_counter); speed-up of the scripts' setting over plain fp32: "
+                  f"{rows[0][1] / rows[1][1]:.2f}x."]
+    if device.type == "cpu":
+        peak, how = cpu_peak()
+        achieved = rows[0][1] * flop_per_image
+        lines += [f"Achieved {achieved / 1e9:.1f} GFLOP/s against an estimated fp32 peak of {peak / 1e9:.0f} GFLOP/s "
+                  f"({how}): {100 * achieved / peak:.0f}%."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        check_writable(args.out)
+        with open(args.out, "w") as f:
+            f.write(text)
+    return dict(rows=rows, flop_per_image=flop_per_image)
+
+
+def hardware_name(device):
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name()}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def save_steps_plot(path, rows):

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from model.cli import Parser, UserError, autocast, check_writable, parse_digits, pick_device, positive_int, run_cli
+from model.cli import Parser, autocast, check_writable, parse_digits, pick_device, positive_int, run_cli
 from model.data import to_uint8
 from model.figures import save_grid, save_strip_gif
 from model.lora import lora_layers, set_lora
@@ -57,7 +57,7 @@ def parse_args(argv=None):
 
 def check_png(path, flag):
     if not path.lower().endswith(".png"):
-        raise UserError(f"{flag} writes a PNG image: give a path ending in .png, got {path!r}")
+        raise ValueError(f"{flag} writes a PNG image: give a path ending in .png, got {path!r}")
     check_writable(path)
 
 
@@ -66,17 +66,18 @@ def main(argv=None):
     digits = parse_digits(args.digits)
     scales = lora_scales(args)
     if (args.merge or args.compare or args.sweep) and not args.lora:
-        raise UserError("--merge, --compare and --sweep need an adapter: add --lora PATH")
+        raise ValueError("--merge, --compare and --sweep need an adapter: add --lora PATH")
     if args.merge and (args.compare or args.sweep):
-        raise UserError("--merge folds the adapters in for good: it cannot be combined with --compare or --sweep")
+        raise ValueError("--merge folds the adapters in for good: it cannot be combined with --compare or --sweep")
     if args.export and not args.export.endswith(".npz"):
-        raise UserError(f"--export writes a NumPy .npz file; got {args.export}")
-    interval = parse_interval(args.guidance_interval)
+        raise ValueError(f"--export writes a NumPy .npz file; got {args.export}")
+    if args.guidance_interval is not None:
+        parse_interval(args.guidance_interval)  # a bad value fails now, before the model is loaded
     device = pick_device(args.device)
 
     model, diffusion, ckpt, adapters = load_sampler(default_checkpoint(args.ckpt), device, args.weights,
-                                                    args.lora, scales)
-    sampling, batch_size = sampling_settings(args, ckpt, interval, diffusion, device)
+                                                    args.lora, scales, merge=args.merge)
+    sampling, batch_size = sampling_settings(args, ckpt, diffusion, device)
     tag = adapter_name(adapters)
     figure = lambda name: os.path.join(args.figures, name)
     out = args.out if args.out is not None else figure(f"samples{'_' + tag if tag else ''}.png")
@@ -115,7 +116,8 @@ def main(argv=None):
     row_labels = [str(d) for d in digits]
     save_grid(out, {"": grid(x)}, row_labels, title=name)
     print(f"wrote {out}")
-    result = dict(seconds=seconds, images=images, labels=labels.cpu())
+    merged = any(layer.merged_scale is not None for layer in lora_layers(model))
+    result = dict(seconds=seconds, images=images, labels=labels.cpu(), merged=merged)
     if args.compare:  # the same seed with every adapter switched off: the difference is LoRA alone
         set_lora(model, enabled=False)
         off = draw(model)
@@ -162,9 +164,13 @@ def save_process(path, model, diffusion, digits, seed, name, **sampling):
     device = next(model.parameters()).device
     y = torch.tensor(digits, device=device)
     x_T = torch.randn(len(y), 1, 28, 28, device=device, generator=torch.Generator(device).manual_seed(seed))
+    steps = sampling["steps"]
+    keep = set(torch.linspace(0, steps - 1, 9).round().long().tolist())  # nine steps, evenly spaced, the last included
+    frames = []
+    snapshot = lambda i, t_prev, x: frames.append((t_prev, x)) if i in keep else None
     with autocast(device):
-        _, frames = diffusion.sample(model, y, frames=9, x_T=x_T.clone(),
-                                     generator=torch.Generator(device).manual_seed(seed + 1), **sampling)
+        diffusion.sample(model, y, x_T=x_T.clone(), generator=torch.Generator(device).manual_seed(seed + 1),
+                         callback=snapshot, **sampling)
     strip = torch.stack([x_T] + [x_t for _, x_t in frames], 1).cpu()  # [D, 10, 1, 28, 28]
     cols = [f"t={diffusion.T - 1}"] + [f"t={t}" if t >= 0 else "x_0" for t, _ in frames]
     save_grid(path, {"": strip}, [str(d) for d in digits], cols, title=f"reverse process ({name})")

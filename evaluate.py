@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from model.cli import Parser, UserError, check_writable, parse_digits, pick_device, positive_int, run_cli
+from model.cli import Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
 from model.data import from_uint8
 from model.lora import set_lora
 from model.metrics import Judge
@@ -70,25 +70,26 @@ def parse_args(argv=None):
 def load_samples(path, device):
     """An .npz from denoise.py --export -> (images [N,1,28,28] in [-1,1], labels [N])."""
     if not os.path.isfile(path):
-        raise UserError(f"samples not found: {path}")
+        raise FileNotFoundError(f"samples not found: {path}")
     try:
         data = np.load(path)
         images, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]).long()
     except Exception as e:
-        raise UserError(f"cannot read {path} as denoise.py --export output ({type(e).__name__}: {e})")
+        raise ValueError(f"cannot read {path} as denoise.py --export output ({type(e).__name__}: {e})")
     if images.dtype != torch.uint8 or images.shape[1:] != (28, 28) or labels.shape != (len(images),):
-        raise UserError(f"{path}: expected uint8 images [N,28,28] and labels [N]")
+        raise ValueError(f"{path}: expected uint8 images [N,28,28] and labels [N]")
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
-        raise UserError(f"{path}: labels must be digits 0-9")
+        raise ValueError(f"{path}: labels must be digits 0-9")
     return from_uint8(images.to(device).unsqueeze(1)), labels.to(device)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    interval = parse_interval(args.guidance_interval)
+    if args.guidance_interval is not None:
+        parse_interval(args.guidance_interval)  # a bad value fails now, before the model is loaded
     scales = lora_scales(args)
     if args.samples and (args.lora or args.ckpt):
-        raise UserError("--samples scores a file; --ckpt and --lora sample from a model: use one or the other")
+        raise ValueError("--samples scores a file; --ckpt and --lora sample from a model: use one or the other")
     if not os.path.exists(args.classifier):
         check_writable(args.classifier)  # it will be trained and cached there: fail now, not after training
     device = pick_device(args.device)
@@ -100,10 +101,10 @@ def main(argv=None):
     else:
         ckpt = default_checkpoint(args.ckpt)
         model, diffusion, checkpoint, adapters = load_sampler(ckpt, device, loras=args.lora, scales=scales)
-        sampling, batch_size = sampling_settings(args, checkpoint, interval, diffusion, device)
+        sampling, batch_size = sampling_settings(args, checkpoint, diffusion, device)
         labels = torch.tensor(parse_digits(args.digits), device=device).repeat_interleave(args.per_digit)
         if len(labels) < 2:
-            raise UserError(f"FID needs at least 2 samples, got {len(labels)}")
+            raise ValueError(f"FID needs at least 2 samples, got {len(labels)}")
         draw = lambda: generate(model, diffusion, labels, seed=args.seed, batch_size=batch_size, **sampling)
         images = draw()
         styles = {a["config"].get("style", "none") for a, _ in adapters}
@@ -114,7 +115,7 @@ def main(argv=None):
         source = ckpt + "".join(f" + {path}" for path in args.lora)
         title = f"{len(images):,} samples from {source} ({describe(**sampling)})"
     if len(images) < 2:
-        raise UserError(f"FID needs at least 2 samples, got {len(images)}")
+        raise ValueError(f"FID needs at least 2 samples, got {len(images)}")
     judge = Judge(args.classifier, args.data_dir, device)
     result = judge.style_report(style, off, images, labels) if off is not None else judge(images, labels)
     result["classifier_test_accuracy"], result["classifier_fingerprint"] = judge.test_accuracy, judge.fingerprint

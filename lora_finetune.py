@@ -18,18 +18,17 @@ from dataclasses import asdict, replace
 import torch
 
 from model.checkpoint import fingerprint, load_file, load_model, save_file
-from model.cli import (Parser, UserError, add_training_flags, below_one, check_new_output, check_writable,
+from model.cli import (Parser, add_training_flags, below_one, check_new_output, check_writable, plan_run,
                        pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
-from model.config import PRESETS, LoraConfig, TrainConfig, changed_fields, preset_for, with_flags
+from model.config import PRESETS, LoraConfig, TrainConfig, preset_for, resumed_config, with_flags
 from model.data import load_mnist
 from model.ema import EMA
 from model.figures import save_loss_curve
 from model.lora import TARGET_GROUPS, inject_lora, parameter_report, save_lora
 from model.styles import STYLE_NAMES, apply_style
-from model.trainer import fit, plan_steps, rng_state, set_rng_state
+from model.trainer import fit, rng_state, set_rng_state
 
 RESUME_KIND = "lora-resume"
-MAY_CHANGE_ON_RESUME = ("epochs", "total_steps")
 
 
 def parse_args(argv=None):
@@ -54,7 +53,7 @@ def resume_path(out):
 def main(argv=None):
     args = parse_args(argv)
     if os.path.abspath(args.out) == os.path.abspath(args.base):
-        raise UserError("--out is the base checkpoint: the adapter would replace the model it adapts; "
+        raise ValueError("--out is the base checkpoint: the adapter would replace the model it adapts; "
                         "choose another --out")
     check_new_output(args.out, args.resume, args.force)
     check_writable(resume_path(args.out))
@@ -66,14 +65,9 @@ def main(argv=None):
     preset = base.get("preset") or preset_for(device)
     saved = load_file(resume_path(args.out), RESUME_KIND, device) if args.resume else None
     if saved is not None:
-        before = LoraConfig(**saved["config"])
-        config = with_flags(before, args)
-        clash = [f for f in changed_fields(before, config) if f not in MAY_CHANGE_ON_RESUME]
-        if clash:
-            flags = ", ".join(f"--{f.replace('_', '-')} (saved {getattr(before, f)})" for f in clash)
-            raise UserError(f"--resume continues the saved fine-tuning, which used other values: {flags}")
+        config = resumed_config(LoraConfig(**saved["config"]), args)
         if saved["base_fingerprint"] != base_fp:
-            raise UserError(f"--resume: {resume_path(args.out)} was trained on another base than {args.base}")
+            raise ValueError(f"--resume: {resume_path(args.out)} was trained on another base than {args.base}")
     else:
         config = with_flags(PRESETS[preset]["lora"], args)
         base_gamma = TrainConfig(**base["train"]).min_snr_gamma if "train" in base else 0.0
@@ -83,14 +77,7 @@ def main(argv=None):
 
     images, labels = load_mnist(args.data_dir, train=True, device=device)
     images = apply_style(config.style, images)  # the whole styled training set, once, as one tensor
-    total_steps = plan_steps(len(images), config)
-    if args.max_steps and args.max_steps > total_steps:
-        raise UserError(f"--max-steps {args.max_steps} is past the end of the planned run ({total_steps} steps): "
-                        "raise --epochs or --total-steps to plan a longer one")
-    stop_at = args.max_steps or total_steps
-    if saved is not None and stop_at <= saved["step"]:
-        raise UserError(f"{args.out} is already at step {saved['step']}: give --max-steps above it "
-                        f"(the planned run has {total_steps})")
+    total_steps, stop_at = plan_run(len(images), config, args.max_steps, saved and saved["step"])
 
     model = prepare_model(model, device)
     layers = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout)

@@ -15,19 +15,15 @@ from dataclasses import asdict
 import torch
 
 from model.checkpoint import load_model, save_model
-from model.cli import (PRESET_HELP, Parser, UserError, add_training_flags, channel_list, check_new_output,
+from model.cli import (PRESET_HELP, Parser, add_training_flags, channel_list, check_new_output, plan_run,
                        check_writable, pick_device, positive_int, prepare_model, run_cli, seed_everything)
-from model.config import PRESETS, TrainConfig, changed_fields, preset_for, with_flags
+from model.config import PRESETS, TrainConfig, preset_for, resumed_config, with_flags
 from model.data import load_mnist
 from model.diffusion import Diffusion
 from model.ema import EMA
 from model.figures import save_grid, save_loss_curve
-from model.trainer import fit, plan_steps, rng_state, set_rng_state
+from model.trainer import fit, rng_state, set_rng_state
 from model.unet import DEFAULT_CONFIG, UNet
-
-# Changing these on --resume would silently mix two runs; the others only extend the one that was saved.
-MAY_CHANGE_ON_RESUME = ("epochs", "total_steps")
-
 
 def parse_args(argv=None):
     p = Parser(__doc__)
@@ -43,14 +39,7 @@ def parse_args(argv=None):
 def resolve_config(args, device, saved=None):
     """(preset name, TrainConfig): the saved run's on --resume, else the preset's; flags override either."""
     if saved is not None:
-        preset, before = saved["preset"], TrainConfig(**saved["train"])
-        config = with_flags(before, args)
-        clash = [f for f in changed_fields(before, config) if f not in MAY_CHANGE_ON_RESUME]
-        if clash:
-            flags = ", ".join(f"--{f.replace('_', '-')} (saved {getattr(before, f)})" for f in clash)
-            raise UserError(f"--resume continues the saved run, which used other values: {flags}; "
-                            "leave those flags out, or start a new run with --force")
-        return preset, config
+        return saved["preset"], resumed_config(TrainConfig(**saved["train"]), args)
     preset = preset_for(device) if args.preset == "auto" else args.preset
     return preset, with_flags(PRESETS[preset]["train"], args)
 
@@ -64,7 +53,7 @@ def main(argv=None):
     if args.resume:
         model, diffusion, saved = load_model(args.out, device, weights="model")
         if "train" not in saved:
-            raise UserError(f"{args.out} was written by an older version that cannot be resumed exactly; "
+            raise ValueError(f"{args.out} was written by an older version that cannot be resumed exactly; "
                             "start a new run with --force")
     preset, config = resolve_config(args, device, saved)
     seed_everything(config.seed)
@@ -75,14 +64,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
 
     images, labels = load_mnist(args.data_dir, train=True, device=device)
-    total_steps = plan_steps(len(images), config)
-    if args.max_steps and args.max_steps > total_steps:
-        raise UserError(f"--max-steps {args.max_steps} is past the end of the planned run ({total_steps} steps): "
-                        "raise --epochs or --total-steps to plan a longer one")
-    stop_at = args.max_steps or total_steps
-    if saved is not None and stop_at <= saved["step"]:
-        raise UserError(f"{args.out} is already at step {saved['step']}: give --max-steps above it "
-                        f"(the planned run has {total_steps})")
+    total_steps, stop_at = plan_run(len(images), config, args.max_steps, saved and saved["step"])
     print(f"preset {preset}: UNet {','.join(map(str, config.channels))}, {total_steps:,} steps of {config.batch_size} "
           f"images ({len(images):,} on {device}), lr {config.lr:g}" + PRESETS[preset]["expect"]["train"])
 

@@ -23,7 +23,6 @@ import tempfile
 
 import torch
 
-from .cli import UserError
 from .diffusion import Diffusion
 from .unet import UNet
 
@@ -49,14 +48,14 @@ def load_file(path, kind, device="cpu"):
     """torch.load with weights_only=True, checking that the file is a `kind` file; one-line errors."""
     if not os.path.isfile(path):
         hint = {MODEL_KIND: " (train.py writes one)", "lora-adapter": " (lora_finetune.py writes one)"}
-        raise UserError(f"checkpoint not found: {path}{hint.get(kind, '')}")
+        raise FileNotFoundError(f"checkpoint not found: {path}{hint.get(kind, '')}")
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read {path}: not a valid checkpoint ({type(e).__name__})")
+        raise ValueError(f"cannot read {path}: not a valid checkpoint ({type(e).__name__})")
     if not isinstance(obj, dict) or obj.get("kind") != kind:
         found = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"{path} is not a {kind} file (found {found!r})")
+        raise ValueError(f"{path} is not a {kind} file (found {found!r})")
     return obj
 
 
@@ -80,7 +79,7 @@ def check_finite(tensors, path):
     """Refuse weights holding NaN or infinity: they sample black images without a word."""
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{path} holds non-finite numbers in {name}; the checkpoint is broken, retrain it")
+            raise ValueError(f"{path} holds non-finite numbers in {name}; the checkpoint is broken, retrain it")
 
 
 def load_model(path, device="cpu", weights="ema"):
@@ -95,7 +94,7 @@ def load_model(path, device="cpu", weights="ema"):
         model.load_state_dict(ckpt[weights])
         diffusion = Diffusion(**ckpt["diffusion"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path} does not match this version of the model: {str(e).splitlines()[0]}")
+        raise ValueError(f"{path} does not match this version of the model: {str(e).splitlines()[0]}")
     return model, diffusion, ckpt
 
 

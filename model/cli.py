@@ -1,8 +1,9 @@
 """What the scripts share: picking a device, seeding, and turning bad input into one line.
 
-Every script is a thin argparse front end whose `main()` runs inside `run_cli`. Anything the user can get
-wrong (a missing file, a digit outside 0-9, an unwritable path) raises `UserError`; `run_cli` prints its
-message as a single `error: ...` line and exits with status 2, instead of a Python traceback.
+Every script is a thin argparse front end whose `main()` runs inside `run_cli`. The library raises ordinary
+exceptions for what the user can get wrong -- `ValueError` for a bad value, `FileNotFoundError` for a missing
+file, `OSError` for a disk that is full or read-only -- and `run_cli` prints the message as a single
+`error: ...` line with exit status 2, instead of a Python traceback.
 """
 import argparse
 import math
@@ -11,10 +12,6 @@ import random
 import sys
 
 import torch
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, never as a traceback."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -38,10 +35,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main):
-    """Run `main()`, reporting a UserError as one line (exit 2) and Ctrl-C as exit 130."""
+    """Run `main()`, reporting a bad value, a missing file or a failed write as one line (exit 2), and
+    Ctrl-C as exit 130."""
     try:
         main()
-    except UserError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -60,11 +58,11 @@ def pick_device(name=None):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for, but this machine has no MPS backend")
+        raise ValueError("--device mps was asked for, but this machine has no MPS backend")
     return device
 
 
@@ -94,7 +92,7 @@ def check_writable(path):
         with open(path, "ab"):  # opening for append creates nothing new if the file is there
             pass
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}")
+        raise ValueError(f"cannot write {path}: {e.strerror}")
     if not existed:
         os.remove(path)
 
@@ -158,17 +156,17 @@ def positive_int(text):
 
 
 def parse_digits(text):
-    """'0-9', '3', '1,4,7' or '0-4,9' -> [digits]; anything outside 0-9 is a UserError."""
+    """'0-9', '3', '1,4,7' or '0-4,9' -> [digits]; anything outside 0-9 is a ValueError."""
     digits = []
     try:
         for part in text.split(","):
             lo, dash, hi = part.strip().partition("-")
             digits += range(int(lo), int(hi if dash else lo) + 1)
     except ValueError:
-        raise UserError(f"--digits: expected digits like 0-9 or 1,4,7, got {text!r}")
+        raise ValueError(f"--digits: expected digits like 0-9 or 1,4,7, got {text!r}")
     bad = [d for d in digits if not 0 <= d <= 9]
     if bad or not digits:
-        raise UserError(f"--digits: MNIST digits are 0-9, got {text!r}")
+        raise ValueError(f"--digits: MNIST digits are 0-9, got {text!r}")
     return digits
 
 
@@ -205,7 +203,22 @@ def add_training_flags(p, what):
 def check_new_output(path, resume, force):
     """A run never replaces work the user has without being asked: --resume continues it, --force overwrites."""
     if resume and not os.path.exists(path):
-        raise UserError(f"--resume: nothing at {path} to continue from")
+        raise FileNotFoundError(f"--resume: nothing at {path} to continue from")
     if os.path.exists(path) and not (resume or force):
-        raise UserError(f"{path} already exists: add --resume to continue it, or --force to overwrite it")
+        raise ValueError(f"{path} already exists: add --resume to continue it, or --force to overwrite it")
     check_writable(path)
+
+
+def plan_run(n_images, config, max_steps, saved_step=None):
+    """(total_steps, stop_at): the planned run's length and where this invocation stops (--max-steps)."""
+    from .trainer import plan_steps
+
+    total_steps = plan_steps(n_images, config)
+    if max_steps and max_steps > total_steps:
+        raise ValueError(f"--max-steps {max_steps} is past the end of the planned run ({total_steps} steps): "
+                         "raise --epochs or --total-steps to plan a longer one")
+    stop_at = max_steps or total_steps
+    if saved_step is not None and stop_at <= saved_step:
+        raise ValueError(f"the saved run is already at step {saved_step}: give --max-steps above it "
+                         f"(the planned run has {total_steps})")
+    return total_steps, stop_at

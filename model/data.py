@@ -16,7 +16,6 @@ import torch
 from torchvision.datasets import MNIST
 from torchvision.datasets.utils import extract_archive
 
-from .cli import UserError
 
 IDX_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -34,13 +33,13 @@ def _unpack(raw_dir):
         if os.path.exists(path):
             continue
         if not os.path.exists(path + ".gz"):
-            raise UserError(
+            raise FileNotFoundError(
                 f"MNIST not found: expected {name} or {name}.gz in {raw_dir} "
                 "(torchvision's layout: <data-dir>/MNIST/raw/)")
         try:
             extract_archive(path + ".gz", raw_dir)
         except (OSError, EOFError) as e:
-            raise UserError(f"cannot unpack {path}.gz ({e}); the file may be corrupt")
+            raise ValueError(f"cannot unpack {path}.gz ({e}); the file may be corrupt")
 
 
 def load_mnist(data_dir="data", train=True, device="cpu"):
@@ -50,13 +49,13 @@ def load_mnist(data_dir="data", train=True, device="cpu"):
     try:
         ds = MNIST(data_dir, train=train, download=False)
     except Exception as e:  # torchvision raises assorted errors on a truncated or foreign IDX file
-        raise UserError(f"cannot read MNIST from {raw_dir}: {e}; the IDX files may be corrupt")
+        raise ValueError(f"cannot read MNIST from {raw_dir}: {e}; the IDX files may be corrupt")
     data, labels = ds.data, ds.targets  # uint8 [N,28,28], int64 [N]
     if data.ndim != 3 or data.shape[1:] != (28, 28) or len(data) != len(labels) or len(data) == 0:
-        raise UserError(f"MNIST in {raw_dir} has unexpected shapes: images {tuple(data.shape)}, "
+        raise ValueError(f"MNIST in {raw_dir} has unexpected shapes: images {tuple(data.shape)}, "
                         f"labels {tuple(labels.shape)}")
     if labels.min() < 0 or labels.max() > 9:
-        raise UserError(f"MNIST labels in {raw_dir} are outside 0..9; the label file may be corrupt")
+        raise ValueError(f"MNIST labels in {raw_dir} are outside 0..9; the label file may be corrupt")
     images = from_uint8(data.to(device).unsqueeze(1))  # [N,1,28,28] in [-1,1]
     return images, labels.to(device)
 

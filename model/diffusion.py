@@ -33,7 +33,6 @@ interval is naturally stated in noise levels, sigma_t = sqrt((1 - alpha_bar_t) /
 `steps_with_sigma` turns it into steps of this schedule.
 """
 import torch
-import torch.nn.functional as F
 
 
 class Diffusion:
@@ -94,12 +93,12 @@ class Diffusion:
         if p_uncond > 0:
             drop = torch.rand(B, device=x_0.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.config["num_classes"]), y)
-        if not min_snr_gamma:
-            return F.mse_loss(model(x_t, t, y).float(), eps)
         err = (model(x_t, t, y).float() - eps).pow(2).mean(dim=(1, 2, 3))    # [B]: per-example MSE
-        alpha_bar = self.alpha_bar_on(x_0.device)[t]
-        snr = alpha_bar / (1 - alpha_bar)
-        return (err * snr.clamp(max=min_snr_gamma) / snr).mean()
+        if min_snr_gamma:
+            alpha_bar = self.alpha_bar_on(x_0.device)[t]
+            snr = alpha_bar / (1 - alpha_bar)
+            err = err * snr.clamp(max=min_snr_gamma) / snr
+        return err.mean()
 
     # ---- reverse process ---------------------------------------------------------------------------
 
@@ -149,23 +148,19 @@ class Diffusion:
 
     @torch.inference_mode()
     def sample(self, model, y, steps=None, sampler="ddpm", eta=None, guidance=1.0, guidance_interval=None,
-               generator=None, frames=0, x_T=None, callback=None):
-        """Draw one image per label in y [B], starting from x_T ~ N(0, I).
+               generator=None, x_T=None, callback=None):
+        """Draw one image per label in y [B], starting from x_T ~ N(0, I). Returns x_0 [B,1,28,28] in [-1,1].
 
         `guidance` applies at steps t with t_lo <= t <= t_hi when `guidance_interval` = (t_lo, t_hi) is
-        given, at every step otherwise.
-
-        Returns x_0 [B,1,28,28] in [-1,1]; with `frames` > 0 also a list of up to `frames` snapshots
-        (t', x_t') evenly spaced along the chain, the last being (-1, x_0). `callback()`, if given, is called
-        after every step (a progress bar's update). Everything stays on the device: no host copies per step.
+        given, at every step otherwise. `callback(i, t_prev, x)`, if given, is called after step i with the
+        new x_{t_prev} (t_prev = -1: x_0): a progress bar's update, or a figure's snapshots. Everything stays
+        on the device: no host copies per step.
         """
         steps = self.T if steps is None else steps
         eta = (1.0 if sampler == "ddpm" else 0.0) if eta is None else eta
         device = y.device
         x = torch.randn(len(y), 1, 28, 28, device=device, generator=generator) if x_T is None else x_T
         ts = self.timesteps(steps)
-        keep = set(torch.linspace(0, len(ts) - 1, frames).round().long().tolist()) if frames else set()
-        snapshots = []
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             in_interval = guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1]
@@ -177,11 +172,9 @@ class Diffusion:
                 x = self.ddpm_step(x, t, t_prev, eps, noise)
             else:
                 x = self.ddim_step(x, t, t_prev, eps, eta, noise)
-            if i in keep:
-                snapshots.append((t_prev, x))
             if callback is not None:
-                callback()
-        return (x, snapshots) if frames else x
+                callback(i, t_prev, x)
+        return x
 
 
 def guided_eps(model, x_t, t, y, guidance=1.0):

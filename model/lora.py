@@ -32,7 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import fingerprint, load_file, save_file
-from .cli import UserError
 
 ADAPTER_KIND = "lora-adapter"
 TARGET_GROUPS = {"attn": ("w_q", "w_k", "w_v"), "conv": ("conv1", "conv2")}
@@ -43,8 +42,9 @@ class LoraBase(nn.Module):
 
     def __init__(self, base, r, alpha, dropout, a_shape, b_shape):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        width = min(base.weight.shape[:2])
+        if not 1 <= r <= width:  # past the layer's width a "low-rank" update is just a larger full one
+            raise ValueError(f"LoRA rank must be between 1 and the layer's width {width}, got {r}")
         self.base = base.requires_grad_(False)  # W0 and b (or an adapter already stacked on them): frozen
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
@@ -151,7 +151,7 @@ def inject_lora(model, targets=("attn",), r=4, alpha=4.0, dropout=0.0):
                 setattr(module, name, layer)
                 layers[f"{path}.{name}" if path else name] = layer
     if not layers:
-        raise UserError(f"no layer named {'/'.join(sorted(names))} found to adapt")
+        raise ValueError(f"no layer named {'/'.join(sorted(names))} found to adapt")
     return layers
 
 
@@ -203,7 +203,7 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
 
     The model must be the base the adapter was trained on: its fingerprint (of the weights without any
     adapter; pass `base_fingerprint` when stacking a second adapter) must match the file's. Refuses, with a
-    one-line UserError, a file from another base, or one whose tensors do not fit the layers it describes.
+    one-line a file from another base, or one whose tensors do not fit the layers it describes.
     Returns (adapter file dict, {path: LoRA layer}).
     """
     adapter = load_file(path, ADAPTER_KIND, device)
@@ -211,22 +211,22 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
         config, tensors, base_fp = adapter["config"], adapter["tensors"], adapter["base_fingerprint"]
         r, alpha, targets = int(config["r"]), float(config["alpha"]), tuple(config["targets"])
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} is a damaged adapter file (missing {e})")
+        raise ValueError(f"{path} is a damaged adapter file (missing {e})")
     this_fp = base_fingerprint or fingerprint(model)
     if base_fp != this_fp:
-        raise UserError(f"{path} was trained on a different base model (fingerprint {base_fp}, "
+        raise ValueError(f"{path} was trained on a different base model (fingerprint {base_fp}, "
                         f"this checkpoint is {this_fp})")
     layers = inject_lora(model, targets, r, alpha, float(config.get("dropout", 0.0)))
     expected = {k: v.shape for k, v in adapter_tensors(layers).items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{path} does not fit this model: missing {missing[:2]}, unexpected {unexpected[:2]}")
+        raise ValueError(f"{path} does not fit this model: missing {missing[:2]}, unexpected {unexpected[:2]}")
     for name, t in tensors.items():
         if t.shape != expected[name]:
-            raise UserError(f"{path} does not fit this model: {name} has shape {tuple(t.shape)}, "
+            raise ValueError(f"{path} does not fit this model: {name} has shape {tuple(t.shape)}, "
                             f"expected {tuple(expected[name])} (rank {r})")
         if not torch.isfinite(t).all():
-            raise UserError(f"{path} holds non-finite numbers in {name}; the adapter is broken")
+            raise ValueError(f"{path} holds non-finite numbers in {name}; the adapter is broken")
     with torch.no_grad():
         for path_, layer in layers.items():
             layer.lora_A.copy_(tensors[f"{path_}.lora_A"])

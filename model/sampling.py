@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import fingerprint, load_model
-from .cli import UserError, autocast, fraction, nonnegative_float, positive_int, prepare_model
+from .cli import autocast, fraction, nonnegative_float, positive_int, prepare_model
 from .config import PRESETS, preset_for, with_flags
 from .lora import load_lora, merge_lora
 
@@ -32,9 +32,9 @@ def parse_interval(text):
     try:
         lo, hi = (int(v) for v in text.split(","))
     except ValueError:
-        raise UserError(f"--guidance-interval: expected auto, all or two steps like 82,578; got {text!r}")
+        raise ValueError(f"--guidance-interval: expected auto, all or two steps like 82,578; got {text!r}")
     if not 0 <= lo <= hi:
-        raise UserError(f"--guidance-interval: need 0 <= first <= second, got {text!r}")
+        raise ValueError(f"--guidance-interval: need 0 <= first <= second, got {text!r}")
     return lo, hi
 
 
@@ -45,7 +45,7 @@ def resolve_interval(interval, diffusion):
     try:
         return diffusion.steps_with_sigma(*GUIDANCE_SIGMAS)
     except ValueError as e:
-        raise UserError(f"--guidance-interval auto: {e}; give the steps as FIRST,LAST or use all")
+        raise ValueError(f"--guidance-interval auto: {e}; give the steps as FIRST,LAST or use all")
 
 
 def add_sampling_flags(p):
@@ -62,8 +62,9 @@ def add_sampling_flags(p):
     p.add_argument("--eta", type=fraction, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
     p.add_argument("--guidance", type=nonnegative_float,
                    help="classifier-free guidance scale s: 1 = plain conditional, >1 = stronger (default: the preset's)")
-    p.add_argument("--guidance-interval", default="auto",
-                   help="steps where guidance acts: auto, all, or FIRST,LAST (see denoise.py --help)")
+    p.add_argument("--guidance-interval",
+                   help="steps where guidance acts: auto, all, or FIRST,LAST (see denoise.py --help; default: the "
+                        "preset's)")
     p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and the sampler")
     p.add_argument("--batch-size", type=positive_int, help="digits sampled at once (default: the preset's)")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
@@ -83,23 +84,24 @@ def lora_scales(args):
     """One scale per --lora adapter: none given -> 1 each; one given -> that for all."""
     scales = args.lora_scale or [1.0]
     if not args.lora and args.lora_scale:
-        raise UserError("--lora-scale needs an adapter: add --lora PATH")
+        raise ValueError("--lora-scale needs an adapter: add --lora PATH")
     if len(scales) == 1:
         return scales * len(args.lora)
     if len(scales) != len(args.lora):
-        raise UserError(f"--lora-scale: give one value, or one per adapter ({len(args.lora)}), got {len(scales)}")
+        raise ValueError(f"--lora-scale: give one value, or one per adapter ({len(args.lora)}), got {len(scales)}")
     return scales
 
 
-def sampling_settings(args, ckpt, interval, diffusion, device):
+def sampling_settings(args, ckpt, diffusion, device):
     """Diffusion.sample's keyword arguments and the batch size: the checkpoint's preset, then the flags,
     checked against the model's schedule."""
     preset = ckpt.get("preset") or preset_for(device)
     config = with_flags(PRESETS[preset]["sample"], args)
     if not 1 <= config.steps <= diffusion.T:
-        raise UserError(f"--steps must be between 1 and T = {diffusion.T}, got {config.steps}")
+        raise ValueError(f"--steps must be between 1 and T = {diffusion.T}, got {config.steps}")
+    interval = resolve_interval(parse_interval(config.guidance_interval), diffusion)
     return dict(steps=config.steps, sampler=args.sampler, eta=args.eta, guidance=config.guidance,
-                guidance_interval=resolve_interval(interval, diffusion)), config.batch_size
+                guidance_interval=interval), config.batch_size
 
 
 def describe(sampler, steps, guidance, guidance_interval=None, **_):
@@ -123,9 +125,9 @@ def load_sampler(ckpt, device, weights="ema", loras=(), scales=None, merge=False
     for path, scale in zip(loras, scales or [1.0] * len(loras)):
         try:
             adapter, layers = load_lora(model, path, device, base_fingerprint=base_fp)
-        except UserError as e:
+        except ValueError as e:
             hint = f" (the shipped adapters go with --ckpt {SHIPPED_CHECKPOINT})" if "different base" in str(e) else ""
-            raise UserError(f"{e}{hint}")
+            raise ValueError(f"{e}{hint}")
         for layer in layers.values():
             layer.scale = scale
         adapters.append((adapter, layers))
@@ -152,4 +154,4 @@ def generate(model, diffusion, labels, steps=50, sampler="ddim", eta=None, guida
     # The bar counts steps, not batches: on a CPU one batch of 1,000 guided digits takes minutes.
     with tqdm(total=len(batches) * steps, desc="sampling", unit="step", leave=False) as bar, autocast(labels.device):
         return torch.cat([diffusion.sample(model, y, steps=steps, sampler=sampler, eta=eta, guidance=guidance,
-                                           generator=generator, callback=bar.update, **extra) for y in batches])
+                                           generator=generator, callback=lambda *_: bar.update(), **extra) for y in batches])

@@ -125,7 +125,3 @@ class UNet(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))  # 7 -> 14 -> 28
         return self.out(h)                                                    # [B, 1, 28, 28]: eps_hat
-
-
-def count_parameters(module, trainable_only=False):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

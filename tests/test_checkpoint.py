@@ -6,7 +6,6 @@ import torch
 
 from model import checkpoint
 from model.checkpoint import fingerprint, load_model, save_model
-from model.cli import UserError
 from model.diffusion import Diffusion
 from model.ema import EMA
 from model.trainer import rng_state
@@ -64,16 +63,16 @@ def test_save_is_atomic(tiny_model, tmp_path, monkeypatch):
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         load_model(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a valid checkpoint"):
+    with pytest.raises(ValueError, match="not a valid checkpoint"):
         load_model(str(tmp_path / "junk.pt"))
     torch.save({"kind": "lora-adapter"}, tmp_path / "adapter.pt")
-    with pytest.raises(UserError, match="not a mnist-diffusion file"):
+    with pytest.raises(ValueError, match="not a mnist-diffusion file"):
         load_model(str(tmp_path / "adapter.pt"))
     torch.save({"kind": "mnist-diffusion", "config": {"channels": (8, 8, 8)}, "ema": {}}, tmp_path / "old.pt")
-    with pytest.raises(UserError, match="does not match"):
+    with pytest.raises(ValueError, match="does not match"):
         load_model(str(tmp_path / "old.pt"))
 
 
@@ -83,5 +82,5 @@ def test_non_finite_weights_are_refused(tiny_model, tmp_path):
     ckpt = torch.load(path, weights_only=True)
     ckpt["ema"]["stem.weight"][0, 0, 0, 0] = float("nan")
     torch.save(ckpt, path)
-    with pytest.raises(UserError, match="non-finite"):
+    with pytest.raises(ValueError, match="non-finite"):
         load_model(path)

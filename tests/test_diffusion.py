@@ -187,7 +187,7 @@ def test_generate_samples_in_seeded_batches(tiny_model):
     assert torch.equal(generate(model, d, labels, steps=3, sampler="ddpm", seed=1, batch_size=4), a)
     assert not torch.allclose(generate(model, d, labels, steps=3, sampler="ddpm", seed=2, batch_size=4), a)
     calls = []  # the progress bar's hook: once per step
-    d.sample(model, labels, steps=3, callback=lambda: calls.append(1))
+    d.sample(model, labels, steps=3, callback=lambda *_: calls.append(1))
     assert len(calls) == 3
 
 

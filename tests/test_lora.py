@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from model.cli import UserError
 from model.diffusion import Diffusion
 from model.lora import (LoraBase, LoraConv2d, LoraLayer, adapter_tensors, inject_lora, load_lora, merge_lora,
                         parameter_report, save_lora, set_lora, unmerge_lora)
@@ -60,6 +59,8 @@ def test_layer_formula_and_init():
     x = torch.randn(7, 6)
     expected = x @ linear.weight.T + linear.bias + (3.0 / 2) * x @ layer.lora_A.T @ layer.lora_B.T
     assert torch.allclose(layer(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="width 5"):  # a rank past the layer's width is no low-rank update
+        LoraLayer(torch.nn.Linear(6, 5), r=6)
 
 
 def test_injection_is_bit_identical_at_init_and_freezes_the_base():
@@ -143,19 +144,19 @@ def test_adapter_file_round_trip(tmp_path, targets):
 def test_adapter_file_refuses_what_does_not_fit(tmp_path):
     base, model = trained_lora(steps=1)
     path = _save_adapter(tmp_path, model, base)
-    with pytest.raises(UserError, match="different base model"):
+    with pytest.raises(ValueError, match="different base model"):
         load_lora(base_model(seed=1), path)
     adapter = torch.load(path, weights_only=True)
     adapter["config"]["r"] = 8  # says rank 8, holds rank-4 tensors
     torch.save(adapter, tmp_path / "rank.pt")
-    with pytest.raises(UserError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         load_lora(base_model(), str(tmp_path / "rank.pt"))
     adapter = torch.load(path, weights_only=True)
     adapter["tensors"].pop(next(iter(adapter["tensors"])))
     torch.save(adapter, tmp_path / "missing.pt")
-    with pytest.raises(UserError, match="missing"):
+    with pytest.raises(ValueError, match="missing"):
         load_lora(base_model(), str(tmp_path / "missing.pt"))
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         load_lora(base_model(), str(tmp_path / "nope.pt"))
 
 

@@ -14,7 +14,6 @@ import evaluate
 import lora_finetune
 import train
 from model.checkpoint import load_model
-from model.cli import UserError
 from model import trainer
 from model.config import PRESETS
 from model.diffusion import Diffusion
@@ -85,16 +84,16 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
 def test_nothing_is_overwritten_or_mixed_without_being_asked(data_dir, tmp_path):
     ckpt = _train(data_dir, tmp_path, "--max-steps", "2")
     before = open(ckpt, "rb").read()
-    with pytest.raises(UserError, match="--resume .* --force"):
+    with pytest.raises(ValueError, match="--resume .* --force"):
         _train(data_dir, tmp_path, "--max-steps", "2")
-    with pytest.raises(UserError, match="--lr"):  # resuming with another learning rate would mix two runs
+    with pytest.raises(ValueError, match="--lr"):  # resuming with another learning rate would mix two runs
         _train(data_dir, tmp_path, "--max-steps", "4", "--resume", "--lr", "1e-3")
-    with pytest.raises(UserError, match="already at step 2"):
+    with pytest.raises(ValueError, match="already at step 2"):
         _train(data_dir, tmp_path, "--max-steps", "1", "--resume")
     assert open(ckpt, "rb").read() == before
     _train(data_dir, tmp_path, "--max-steps", "1", "--force")
     assert load_model(ckpt)[2]["step"] == 1
-    with pytest.raises(UserError, match="base checkpoint"):
+    with pytest.raises(ValueError, match="base checkpoint"):
         lora_finetune.main(["--base", ckpt, "--out", ckpt, "--device", "cpu"])
 
 
@@ -203,6 +202,7 @@ def test_lora_learns_a_style_and_compare_really_switches_it_off(data_dir, tmp_pa
     merged = denoise.main(common + ["--lora", adapter, "--out", str(tmp_path / "m.png"), "--merge"])
     assert torch.equal(plain["off"], base["images"])  # LoRA off is the base model, seed for seed
     assert not torch.equal(plain["images"], base["images"])  # and LoRA on is not
+    assert merged["merged"] and not plain["merged"]
     assert (plain["images"].int() - merged["images"].int()).abs().max() <= 1  # uint8 rounding at most
     for name in ("samples_bold.png", "compare_bold.png", "sweep_bold.png", "sweep_bold.gif"):
         assert os.path.getsize(tmp_path / "fig" / name) > 1000, name
@@ -240,20 +240,20 @@ def test_bad_inputs_are_one_line_errors(data_dir, tmp_path):
     _one_line_error(_cli("denoise.py", "--ckpt", str(tmp_path / "junk.pt")), "not a valid checkpoint")
     _one_line_error(_cli("train.py", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.pt")),
                     "MNIST not found")
-    _one_line_error(_cli("lora_finetune.py", "--base", str(tmp_path / "nope.pt")), "checkpoint not found")
+    _one_line_error(_cli("lora_finetune.py", "--base", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "l.pt")), "checkpoint not found")
     _one_line_error(_cli("train.py", "--min-snr-gamma", "-1", "--out", str(tmp_path / "x.pt")), "--min-snr-gamma")
 
 
 def _refused(main, argv, match, capsys):
     """main(argv) stops before doing any work, with an error that names the problem.
 
-    In-process (a subprocess costs seconds of `import torch`): a UserError is what run_cli prints as one
+    In-process (a subprocess costs seconds of `import torch`): a ValueError or FileNotFoundError is what run_cli prints as one
     `error:` line; a usage error is argparse's exit 2 with one line on stderr.
     """
     capsys.readouterr()  # forget earlier output (progress bars)
     try:
         main(argv)
-    except UserError as e:
+    except (ValueError, FileNotFoundError) as e:
         assert match in str(e), str(e)
         return
     except SystemExit as e:
@@ -331,3 +331,15 @@ def test_bench_writes_every_section(data_dir, tmp_path):
         assert 0 <= row["accuracy"] <= 1 and row["fid"] >= 0 and row["seconds"] > 0
     assert os.path.getsize(tmp_path / "fig" / "guidance.png") > 1000
     assert os.path.getsize(tmp_path / "fig" / "steps.png") > 1000
+
+
+def test_bench_speed_reports_both_settings_and_the_flop_rate(tmp_path, monkeypatch):
+    from model.config import SampleConfig, TrainConfig
+    monkeypatch.setitem(PRESETS, "cpu", dict(PRESETS["cpu"], train=TrainConfig(channels=(16, 32, 32), batch_size=8),
+                                             sample=SampleConfig(steps=2)))
+    out = tmp_path / "speed.md"
+    result = bench.main(["--speed", "--device", "cpu", "--out", str(out)])
+    text = out.read_text()
+    for line in ("the scripts' setting", "plain fp32 eager", "GFLOP per image", "estimated fp32 peak"):
+        assert line in text
+    assert result["flop_per_image"] > 1e6 and all(t > 0 and s > 0 for _, t, s in result["rows"])
