@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import evaluate
@@ -104,3 +105,18 @@ def test_the_floor_uses_real_images_with_the_samples_labels(data_dir, tmp_path, 
         rows = [int((train_images.flatten(1) == img.flatten()).all(1).nonzero()[0]) for img in x]
         assert sorted(train_labels[rows].tolist()) == [2, 2, 2, 7, 7, 9] and len(set(rows)) == 6
     assert judge.floor(labels[torch.randperm(6)]) == floor and len(drawn) == metrics.FLOOR_DRAWS  # cached
+
+
+def test_the_committed_classifier_is_the_one_everyone_scores_with():
+    """pretrained/classifier.pt is the default of evaluate.py and bench.py: its weights and its accuracy."""
+    import bench
+    from model.styles import apply_style
+
+    assert evaluate.parse_args([]).classifier == bench.parse_args([]).classifier == "pretrained/classifier.pt"
+    model, accuracy = metrics.get_classifier("pretrained/classifier.pt", "data", torch.device("cpu"))
+    assert fingerprint(model) == "d0e87764b8ec274f"
+    images, labels = load_mnist("data", train=False)
+    measured = float((metrics.classify(model, images)[0] == labels).double().mean())
+    assert measured == pytest.approx(accuracy, abs=1e-3) and measured > 0.985
+    bold = float((metrics.classify(model, apply_style("bold", images[:2000]))[0] == labels[:2000]).double().mean())
+    assert bold > 0.97  # it reads the styled digits the adapters draw

@@ -17,6 +17,7 @@ from model.checkpoint import load_model
 from model import trainer
 from model.config import PRESETS
 from model.diffusion import Diffusion
+from model.unet import DEFAULT_CONFIG, UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--channels", "16,32,32", "--batch-size", "16", "--epochs", "3", "--device", "cpu"]  # 4 steps an epoch
@@ -343,3 +344,43 @@ def test_bench_speed_reports_both_settings_and_the_flop_rate(tmp_path, monkeypat
     for line in ("the scripts' setting", "plain fp32 eager", "GFLOP per image", "estimated fp32 peak"):
         assert line in text
     assert result["flop_per_image"] > 1e6 and all(t > 0 and s > 0 for _, t, s in result["rows"])
+
+
+def test_training_wiring_the_ema_the_null_label_and_min_snr(data_dir, tmp_path, monkeypatch):
+    """Through train.py's real code path: the EMA moves, --p-uncond reaches the labels, --min-snr-gamma the loss."""
+    seen_labels, seen_gammas = [], []
+    real_forward, real_loss = UNet.forward, Diffusion.loss
+
+    def forward_spy(self, x_t, t, y):
+        seen_labels.append(y.clone())
+        return real_forward(self, x_t, t, y)
+
+    def loss_spy(self, model, x_0, y, p_uncond=0.0, min_snr_gamma=None):
+        seen_gammas.append(min_snr_gamma)
+        return real_loss(self, model, x_0, y, p_uncond, min_snr_gamma)
+
+    monkeypatch.setattr(UNet, "forward", forward_spy)
+    monkeypatch.setattr(Diffusion, "loss", loss_spy)
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "3", "--p-uncond", "1", "--min-snr-gamma", "2.5")
+    assert seen_gammas == [2.5] * 3
+    assert all((y == 10).all() for y in seen_labels)  # p_uncond = 1: every label is the null label
+    saved = torch.load(ckpt, weights_only=True)
+    torch.manual_seed(0)  # train.py's seed: the weights the run started from
+    init = UNet(**{**DEFAULT_CONFIG, "channels": (16, 32, 32)}).state_dict()
+    moved = [k for k in init if init[k].is_floating_point() and not torch.equal(saved["ema"][k], init[k])]
+    assert moved, "the EMA never moved from the initial weights"
+    assert any(not torch.equal(saved["ema"][k], saved["model"][k]) for k in moved)  # an average, not a copy
+
+
+def test_the_adapter_file_holds_the_averaged_adapter(data_dir, tmp_path):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    adapter = str(tmp_path / "lora.pt")
+    lora_finetune.main(["--base", ckpt, "--out", adapter, "--data-dir", data_dir, "--max-steps", "3",
+                        "--batch-size", "16", "--targets", "attn", "--lr", "0.05", "--device", "cpu",
+                        "--figures", str(tmp_path / "fig")])
+    shared = torch.load(adapter, weights_only=True)["tensors"]
+    resume = torch.load(str(tmp_path / "lora.resume.pt"), weights_only=True)
+    for name, tensor in shared.items():
+        if name.endswith("lora_B"):  # B starts at zero: after three steps the average and the live one differ
+            assert any(torch.equal(tensor, averaged) for averaged in resume["ema"]), name
+            assert not any(torch.equal(tensor, live) for live in resume["live"]), name
