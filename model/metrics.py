@@ -41,6 +41,7 @@ from .styles import STYLE_NAMES, apply_style, gap_closed, style_metric
 
 CLASSIFIER_KIND = "mnist-classifier"
 FLOOR_DRAWS = 5
+MIN_TRAINING_IMAGES = 10_000
 
 
 class Classifier(nn.Module):
@@ -166,6 +167,9 @@ def get_classifier(path, data_dir, device, epochs=4):
         model.load_state_dict(ckpt["model"])
         return model.eval(), ckpt["test_accuracy"]
     images, labels = load_mnist(data_dir, train=True, device=device)
+    if len(images) < MIN_TRAINING_IMAGES:  # a classifier trained on a handful of digits would judge nothing
+        raise ValueError(f"refusing to train the evaluation classifier on {len(images):,} images (it needs at least "
+                         f"{MIN_TRAINING_IMAGES:,}); point --classifier at a trained one, e.g. pretrained/classifier.pt")
     model = train_classifier(images, labels, epochs=epochs)
     test_images, test_labels = load_mnist(data_dir, train=False, device=device)
     accuracy = float((classify(model, test_images)[0] == test_labels).float().mean())

@@ -120,3 +120,9 @@ def test_the_committed_classifier_is_the_one_everyone_scores_with():
     assert measured == pytest.approx(accuracy, abs=1e-3) and measured > 0.985
     bold = float((metrics.classify(model, apply_style("bold", images[:2000]))[0] == labels[:2000]).double().mean())
     assert bold > 0.97  # it reads the styled digits the adapters draw
+
+
+def test_no_classifier_is_trained_or_cached_on_too_little_data(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="refusing to train"):
+        metrics.get_classifier(str(tmp_path / "c.pt"), data_dir, torch.device("cpu"))  # 64 fake digits
+    assert not (tmp_path / "c.pt").exists()

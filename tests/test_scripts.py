@@ -20,6 +20,7 @@ from model.diffusion import Diffusion
 from model.unet import DEFAULT_CONFIG, UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSIFIER = os.path.join(ROOT, "pretrained", "classifier.pt")  # the committed one: the fake data is too small to train one
 TINY = ["--channels", "16,32,32", "--batch-size", "16", "--epochs", "3", "--device", "cpu"]  # 4 steps an epoch
 
 
@@ -176,7 +177,7 @@ def test_evaluate_scores_the_same_digits_the_same_from_a_checkpoint_or_an_export
     ckpt, npz = _train(data_dir, tmp_path, "--max-steps", "2"), str(tmp_path / "s.npz")
     sampling = ["--steps", "3", "--per-digit", "4", "--digits", "2-6", "--batch-size", "7", "--device", "cpu"]
     denoise.main(["--ckpt", ckpt, *sampling, "--export", npz, "--out", str(tmp_path / "s.png"), "--process", ""])
-    common = ["--classifier", str(tmp_path / "classifier.pt"), "--data-dir", data_dir, "--json"]
+    common = ["--classifier", CLASSIFIER, "--data-dir", data_dir, "--json"]
     scores = []
     for source in (["--ckpt", ckpt, *sampling], ["--samples", npz, "--device", "cpu"]):
         evaluate.main([*source, *common])
@@ -209,7 +210,7 @@ def test_lora_learns_a_style_and_compare_really_switches_it_off(data_dir, tmp_pa
         assert os.path.getsize(tmp_path / "fig" / name) > 1000, name
     capsys.readouterr()
     evaluate.main(["--ckpt", ckpt, "--lora", adapter, "--steps", "2", "--per-digit", "2", "--device", "cpu",
-                   "--classifier", str(tmp_path / "classifier.pt"), "--data-dir", data_dir, "--json"])
+                   "--classifier", CLASSIFIER, "--data-dir", data_dir, "--json"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["style"] == "bold" and report["metric"] == "ink" and report["target"] > report["real"]
     assert set(report["on"]) >= {"accuracy", "fid", "fid_floor", "value"} and "gap_closed" in report
@@ -317,7 +318,7 @@ def test_bench_writes_every_section(data_dir, tmp_path):
     out = tmp_path / "bench" / "report.md"
     bench.main(["--skip-train", "--ckpt", ckpt, "--lora", adapter, "--data-dir", data_dir, "--device", "cpu",
                 "--per-digit", "2", "--batch-size", "20", "--samplers", "ddim-3,ddpm-4@1",
-                "--classifier", str(tmp_path / "classifier.pt"), "--figures", str(tmp_path / "fig"),
+                "--classifier", CLASSIFIER, "--figures", str(tmp_path / "fig"),
                 "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     text = out.read_text()
