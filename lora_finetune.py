@@ -9,7 +9,7 @@ in LoRA layers (model/lora.py: `attn` = the cross-attention w_q, w_k, w_v; `conv
 freezes everything else and trains only the adapter on MNIST redrawn in --style (model/styles.py), with the
 objective the base was trained with. The output file holds only the adapter: its tensors (averaged, as for
 the base), its config (rank, alpha, targets, style) and the base model's fingerprint. What --resume needs
-(the live tensors, the optimizer, the random state) goes to a file beside it, OUT.resume.pt.
+(the live tensors, the optimizer, the random state) goes to a file beside it (lora.pt -> lora.resume.pt).
 """
 import os
 import time

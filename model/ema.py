@@ -7,11 +7,12 @@ cleaner samples. The warm-up term (1 + k)/(10 + k) matters for short runs: with 
 average would still hold 0.999^2000 = 14% of the *random initial* weights after 2,000 steps.
 
 In fact the warm-up term *is* the average in every default run of this repo: it stays below 0.999 until step
-8,990, so the default cap `decay` = 0.999 never binds in the 1,404-step base run or the 351-step LoRA run.
+8,990, so the default cap `decay` = 0.999 never binds in any preset's run (the cpu base model's 1,875
+steps, the gpu one's 1,404, a LoRA's 351 to 500).
 Multiplied out, the weight of step k in the average after K steps is proportional to k^8 -- a
 "power-function EMA" (Karras et al. 2024, EDM2, with gamma = 8) whose length is a fixed share of the run:
 centred at 90% of it, about 9% of it wide (a test checks both). That is why the same formula suits the
-351-step LoRA run and the base model alike.
+short LoRA runs and the base model alike.
 """
 import copy
 

@@ -1,8 +1,8 @@
 """Drawing digits from a trained checkpoint: what denoise.py, evaluate.py and bench.py share.
 
-    model, diffusion, ckpt = load_sampler("checkpoints/model.pt", device, loras=["checkpoints/lora.pt"])
+    model, diffusion, ckpt, adapters = load_sampler("checkpoints/model.pt", device, loras=["checkpoints/lora.pt"])
     interval = resolve_interval("auto", diffusion)                     # (82, 578) for T = 1000
-    x = generate(model, diffusion, labels, steps=20, sampler="ddim", guidance=1.5, guidance_interval=interval)
+    x = generate(model, diffusion, labels, steps=20, sampler="ddim", guidance=2.0, guidance_interval=interval)
 
 The samplers themselves are in diffusion.py; this file adds what a run needs around them: the model (its
 averaged weights, with any number of adapters stacked on it), the sampling settings of the checkpoint's
