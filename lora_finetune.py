@@ -3,6 +3,7 @@
     python lora_finetune.py                           # base checkpoints/model.pt, style bold -> checkpoints/lora.pt
     python lora_finetune.py --style italic --out checkpoints/italic.pt
     python lora_finetune.py --targets attn --rank 4   # cross-attention projections only
+    python lora_finetune.py --variant dora            # or --rslora, or --lr-ratio 16 (LoRA+)
 
 Loads the base model (its averaged weights, the ones we sample with), wraps the layers named by --targets
 in LoRA layers (model/lora.py: `attn` = the cross-attention w_q, w_k, w_v; `conv` = the ResBlock convs),
@@ -24,7 +25,7 @@ from model.config import PRESETS, LoraConfig, TrainConfig, preset_for, resumed_c
 from model.data import load_mnist
 from model.ema import EMA
 from model.figures import save_loss_curve
-from model.lora import TARGET_GROUPS, inject_lora, parameter_report, save_lora
+from model.lora import TARGET_GROUPS, VARIANTS, inject_lora, param_groups, parameter_report, save_lora
 from model.styles import STYLE_NAMES, apply_style
 from model.trainer import fit, rng_state, set_rng_state
 
@@ -36,8 +37,12 @@ def parse_args(argv=None):
     p.add_argument("--base", default="checkpoints/model.pt", help="trained model checkpoint (train.py --out)")
     p.add_argument("--out", default="checkpoints/lora.pt", help="adapter file to write (and to --resume)")
     p.add_argument("--style", choices=STYLE_NAMES, help="what the adapter learns (default: the preset's, bold)")
+    p.add_argument("--variant", choices=tuple(VARIANTS), help="lora (default), or dora: a learned magnitude per output")
     p.add_argument("--rank", type=positive_int, help="LoRA rank r (default: the preset's, 8)")
     p.add_argument("--alpha", type=positive_float, help="LoRA alpha; the update is scaled by alpha / r (default 8)")
+    p.add_argument("--rslora", action="store_const", const=True, help="scale the update by alpha / sqrt(r) (rsLoRA)")
+    p.add_argument("--lr-ratio", type=positive_float,
+                   help="LoRA+: B's learning rate = this times A's (--lr); default 1, plain LoRA")
     p.add_argument("--dropout", type=below_one, help="dropout on the adapter's input (default 0)")
     p.add_argument("--targets", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
                    help=f"layers to adapt: groups ({', '.join(TARGET_GROUPS)}) or layer names, comma-separated "
@@ -80,10 +85,12 @@ def main(argv=None):
     total_steps, stop_at = plan_run(len(images), config, args.max_steps, saved and saved["step"])
 
     model = prepare_model(model, device)
-    layers = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout)
+    layers = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout, config.variant,
+                         config.rslora)
     ema = EMA(model, config.ema_decay)
     adapter_params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(adapter_params, lr=config.lr, weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(layers, config.lr, config.lr_ratio), weight_decay=0.0,
+                                  fused=device.type == "cuda")
     step, losses, seconds = 0, [], 0.0
     if saved is not None:
         with torch.no_grad():
@@ -97,7 +104,9 @@ def main(argv=None):
         print(f"resuming {args.out} at step {step}")
 
     trainable, total = parameter_report(model)
-    print(f"preset {preset}: LoRA r={config.rank} alpha={config.alpha:g} on {','.join(config.targets)} "
+    variant = config.variant + (" (rsLoRA scaling)" if config.rslora else "") + \
+        (f" (LoRA+, lr ratio {config.lr_ratio:g})" if config.lr_ratio != 1 else "")
+    print(f"preset {preset}: {variant} r={config.rank} alpha={config.alpha:g} on {','.join(config.targets)} "
           f"({len(layers)} layers), style {config.style}, {total_steps:,} steps of {config.batch_size} images, "
           f"Min-SNR-gamma {config.min_snr_gamma:g}" + PRESETS[preset]["expect"]["lora"])
     print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")

@@ -32,6 +32,8 @@ def parse_args(argv=None):
     add_training_flags(p, "the UNet")
     p.add_argument("--channels", type=channel_list, help="UNet widths at 28x28, 14x14 and 7x7, e.g. 16,32,64")
     p.add_argument("--T", type=positive_int, help="number of diffusion steps (default 1000)")
+    p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet learns to predict: the noise eps "
+                                                                "(default) or the velocity v")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slower start)")
     return p.parse_args(argv)
 
@@ -66,12 +68,13 @@ def main(argv=None):
     images, labels = load_mnist(args.data_dir, train=True, device=device)
     total_steps, stop_at = plan_run(len(images), config, args.max_steps, saved and saved["step"])
     print(f"preset {preset}: UNet {','.join(map(str, config.channels))}, {total_steps:,} steps of {config.batch_size} "
-          f"images ({len(images):,} on {device}), lr {config.lr:g}" + PRESETS[preset]["expect"]["train"])
+          f"images ({len(images):,} on {device}), lr {config.lr:g}, predicting {config.prediction}"
+          + PRESETS[preset]["expect"]["train"])
 
     if saved is None:
         model = UNet(**{**DEFAULT_CONFIG, "channels": config.channels, "attn_levels": config.attn_levels})
         model = model.to(device)
-        diffusion = Diffusion(T=config.T)
+        diffusion = Diffusion(T=config.T, prediction=config.prediction)
         step, losses, seconds = 0, [], 0.0
     else:
         step, losses, seconds = saved["step"], saved["losses"], saved["seconds"]

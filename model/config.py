@@ -25,20 +25,24 @@ class TrainConfig:
     ema_decay: float = 0.999          # cap on the EMA decay (ema.py)
     p_uncond: float = 0.1             # probability of the null label (classifier-free guidance)
     min_snr_gamma: float = 5.0        # Min-SNR-gamma loss weight; 0 = the plain DDPM loss
+    prediction: str = "eps"           # what the UNet predicts: the noise eps, or the velocity v (diffusion.py)
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class LoraConfig:
     style: str = "bold"               # the data the adapter learns (styles.py); 'none' = plain MNIST
+    variant: str = "lora"             # 'lora', or 'dora': a learned magnitude per output (lora.py)
     rank: int = 8
-    alpha: float = 8.0                # the update is scaled by alpha / rank
+    alpha: float = 8.0                # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    rslora: bool = False              # rank-stabilised scaling alpha / sqrt(rank) (rsLoRA)
     targets: tuple = ("attn", "conv")  # layer groups or names to adapt (lora.py)
     dropout: float = 0.0
     epochs: int = 1
     total_steps: int = 0              # optimizer steps in all, if set: overrides `epochs`
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 2e-3                  # the learning rate of A (and of DoRA's magnitude)
+    lr_ratio: float = 1.0             # LoRA+: B learns at lr_ratio x lr; 1 = plain LoRA
     warmup: int = 50
     ema_decay: float = 0.999
     p_uncond: float = 0.1

@@ -11,6 +11,13 @@ Notation follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDP
     Min-SNR-gamma: the loss at step t weighted by min(SNR_t, gamma) / SNR_t,  SNR_t = alpha_bar_t / (1 - alpha_bar_t)
                   (Hang et al. 2023)
 
+What the network predicts (`prediction`): the noise eps (DDPM), or the velocity (Salimans & Ho 2022, note 001)
+
+    v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0,   and back:  eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t
+
+eps is easy to predict at the noisiest steps and v stays informative there (at alpha_bar -> 0, v -> -x_0).
+The samplers read every output as eps through `eps_from`; Min-SNR's weight for v is min(SNR_t, gamma) / (SNR_t + 1).
+
 Reverse step, from x_t to x_{t'} with t' < t (t' = t - 1 for plain DDPM; larger jumps for fewer steps):
 
     x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), clipped to [-1, 1]  (DDPM eq. 15)
@@ -38,8 +45,10 @@ import torch
 class Diffusion:
     """The fixed schedule and everything computed from it. Holds no learned weights."""
 
-    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
-        self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, prediction="eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.T, self.beta_start, self.beta_end, self.prediction = T, beta_start, beta_end, prediction
         # Computed in float64 on the host: these are constants, and 1000 cumulative products in float32
         # would lose digits exactly where alpha_bar is tiny.
         self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
@@ -54,7 +63,7 @@ class Diffusion:
         return self._alpha_bar_on[device]
 
     def config(self):
-        return dict(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
+        return dict(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end, prediction=self.prediction)
 
     def steps_with_sigma(self, sigma_lo, sigma_hi):
         """(t_lo, t_hi): the steps whose noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in
@@ -76,8 +85,14 @@ class Diffusion:
         alpha_bar = self.alpha_bar_on(x_0.device)[t].view(-1, 1, 1, 1)  # [B,1,1,1]
         return alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * eps
 
+    def velocity(self, x_0, t, eps):
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0: the v-prediction target, for steps t [B]."""
+        alpha_bar = self.alpha_bar_on(x_0.device)[t].view(-1, 1, 1, 1)
+        return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x_0
+
     def loss(self, model, x_0, y, p_uncond=0.0, min_snr_gamma=None):
-        """The simple DDPM loss: MSE between the true noise and the predicted noise at a random step.
+        """The simple DDPM loss: MSE between the true noise and the predicted noise at a random step
+        (or between the true and predicted velocity v, with prediction = 'v').
 
         With probability `p_uncond` a label is replaced by the null label, so the same network also learns
         the unconditional prediction that classifier-free guidance needs.
@@ -93,14 +108,23 @@ class Diffusion:
         if p_uncond > 0:
             drop = torch.rand(B, device=x_0.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.config["num_classes"]), y)
-        err = (model(x_t, t, y).float() - eps).pow(2).mean(dim=(1, 2, 3))    # [B]: per-example MSE
+        target = eps if self.prediction == "eps" else self.velocity(x_0, t, eps)
+        err = (model(x_t, t, y).float() - target).pow(2).mean(dim=(1, 2, 3))    # [B]: per-example MSE
         if min_snr_gamma:
             alpha_bar = self.alpha_bar_on(x_0.device)[t]
             snr = alpha_bar / (1 - alpha_bar)
-            err = err * snr.clamp(max=min_snr_gamma) / snr
+            # The v loss already weighs step t by SNR_t + 1 relative to the eps loss; divide that out.
+            err = err * snr.clamp(max=min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
         return err.mean()
 
     # ---- reverse process ---------------------------------------------------------------------------
+
+    def eps_from(self, x_t, t, out):
+        """The network's output read as eps_hat: itself, or from v: eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t."""
+        if self.prediction == "eps":
+            return out
+        alpha_bar = self._alpha_bar(t)
+        return alpha_bar ** 0.5 * out + (1 - alpha_bar) ** 0.5 * x_t
 
     def predict_x0(self, x_t, t, eps):
         """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to the pixel range."""
@@ -164,7 +188,9 @@ class Diffusion:
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             in_interval = guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1]
-            eps = guided_eps(model, x, torch.full_like(y, t), y, guidance if in_interval else 1.0)
+            # Guidance mixes outputs with weights summing to 1, so guiding v and then converting equals guiding eps.
+            out = guided_eps(model, x, torch.full_like(y, t), y, guidance if in_interval else 1.0)
+            eps = self.eps_from(x, t, out)
             # Fresh noise only where the step uses it (not DDIM with eta = 0, not the last step).
             stochastic = t_prev >= 0 and (sampler == "ddpm" or eta > 0)
             noise = torch.randn(x.shape, device=device, generator=generator) if stochastic else 0.0
@@ -179,6 +205,7 @@ class Diffusion:
 
 def guided_eps(model, x_t, t, y, guidance=1.0):
     """Classifier-free guidance: eps_null + s (eps_y - eps_null). s = 1 is the conditional prediction itself.
+    (With v-prediction the same mix applies to v.)
 
     For s != 1 the conditional and unconditional inputs go through the network as one batch of 2B.
     """

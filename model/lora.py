@@ -24,6 +24,12 @@ acts; `conv`, the two 3 x 3 convolutions of every ResBlock, which draw the strok
 After training, (alpha/r) B A can be folded into W0 (`merge`): inference then costs exactly as much as
 the base model. `unmerge` takes it out again. Adapters stack: a second adapter wraps the first, and the
 layer computes W0 x + b + s1 dW1 x + s2 dW2 x -- two styles at once, each with its own scale.
+
+Three variants from the notes (note 002), each a flag of lora_finetune.py:
+  * rsLoRA (Kalajdzievski 2023): scale by alpha / sqrt(r) instead of alpha / r. With alpha / r the update's
+    size shrinks as r grows, so a larger rank learns slower; alpha / sqrt(r) keeps it steady.
+  * LoRA+ (Hayou et al. 2024): B learns faster than A (`param_groups`, lr_ratio = lr_B / lr_A, e.g. 16).
+  * DoRA (Liu et al. 2024): a learned magnitude per output beside the low-rank direction (`DoraMixin`).
 """
 import math
 
@@ -40,14 +46,14 @@ TARGET_GROUPS = {"attn": ("w_q", "w_k", "w_v"), "conv": ("conv1", "conv2")}
 class LoraBase(nn.Module):
     """A frozen layer plus a trainable low-rank update (alpha/r) B A. Subclasses say what A and B are."""
 
-    def __init__(self, base, r, alpha, dropout, a_shape, b_shape):
+    def __init__(self, base, r, alpha, dropout, a_shape, b_shape, rslora=False):
         super().__init__()
         width = min(base.weight.shape[:2])
         if not 1 <= r <= width:  # past the layer's width a "low-rank" update is just a larger full one
             raise ValueError(f"LoRA rank must be between 1 and the layer's width {width}, got {r}")
         self.base = base.requires_grad_(False)  # W0 and b (or an adapter already stacked on them): frozen
         self.r, self.alpha = r, alpha
-        self.scaling = alpha / r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         device = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device))
@@ -89,9 +95,13 @@ class LoraBase(nn.Module):
 class LoraLayer(LoraBase):
     """LoRA on an nn.Linear: A [r, in], B [out, r]."""
 
-    def __init__(self, base, r=4, alpha=4.0, dropout=0.0):
+    def __init__(self, base, r=4, alpha=4.0, dropout=0.0, rslora=False):
         out_features, in_features = base.weight.shape
-        super().__init__(base, r, alpha, dropout, (r, in_features), (out_features, r))
+        super().__init__(base, r, alpha, dropout, (r, in_features), (out_features, r), rslora)
+
+    def layer_with(self, x, weight):
+        """The plain layer, computed with another weight (and its own bias)."""
+        return F.linear(x, weight, bottom(self).bias)
 
     def update(self, x):
         # Two thin products, x -> A x (r numbers) -> B A x: never forms the out x in matrix.
@@ -106,11 +116,14 @@ class LoraLayer(LoraBase):
 class LoraConv2d(LoraBase):
     """LoCon on an nn.Conv2d: A a k x k conv [r, in, k, k] (the base's stride and padding), B a 1 x 1 conv [out, r, 1, 1]."""
 
-    def __init__(self, base, r=4, alpha=4.0, dropout=0.0):
+    def __init__(self, base, r=4, alpha=4.0, dropout=0.0, rslora=False):
         out_channels, in_channels, kh, kw = base.weight.shape
-        super().__init__(base, r, alpha, dropout, (r, in_channels, kh, kw), (out_channels, r, 1, 1))
+        super().__init__(base, r, alpha, dropout, (r, in_channels, kh, kw), (out_channels, r, 1, 1), rslora)
         conv = bottom(base)
         self.stride, self.padding = conv.stride, conv.padding
+
+    def layer_with(self, x, weight):
+        return F.conv2d(x, weight, bottom(self).bias, self.stride, self.padding)
 
     def update(self, x):
         return F.conv2d(F.conv2d(x, self.lora_A, stride=self.stride, padding=self.padding), self.lora_B)
@@ -120,6 +133,77 @@ class LoraConv2d(LoraBase):
         scale = self.scale if scale is None else scale
         dW = self.lora_B.flatten(1) @ self.lora_A.flatten(1)  # [out, r] @ [r, in*k*k]
         return dW.view(len(dW), *self.lora_A.shape[1:]) * (self.scaling * scale)
+
+
+class DoraMixin:
+    """DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5): magnitude and direction.
+
+        W' = m * (W0 + s B A) / ||W0 + s B A||,        s = alpha / r
+
+    ||.|| is the norm of each output's weights (a row of a Linear, one filter of a conv) and m holds one
+    learned number per output, so the adapter can change how *strongly* each output responds (m) apart
+    from *what* it responds to (the direction, updated by LoRA's B A). m starts at ||W0||: with B = 0 the
+    layer is W0 exactly. As in the paper (sec. 4.3) the norm is treated as a constant in the backward pass
+    (detached), which saves memory and barely changes the gradient.
+
+    The adapted weight is formed and used as the layer's weight (cheap at these sizes). At a scale
+    lambda (denoise.py --lora-scale) both parts blend from the base: m_lambda = m0 + lambda (m - m0) and
+    lambda s B A, so 0 is the base model and 1 the adapter. Because m rescales the whole weight, a DoRA
+    adapter cannot be stacked with another adapter on the same layer.
+    """
+
+    def __init__(self, base, r=4, alpha=4.0, dropout=0.0, rslora=False):
+        if isinstance(base, LoraBase):
+            raise ValueError("a DoRA adapter rescales the whole weight, so it cannot be stacked with another adapter")
+        if dropout > 0:
+            raise ValueError("DoRA forms the adapted weight itself and takes no dropout")
+        super().__init__(base, r, alpha, dropout, rslora)
+        m0 = output_norms(self.weight)  # [out]
+        self.register_buffer("m0", m0, persistent=False)
+        self.magnitude = nn.Parameter(m0.clone())
+        self.unmerged_weight = None  # W0, kept while merged: merging rescales it, so unmerge restores it
+
+    def adapted_weight(self, scale):
+        """W'_lambda = m_lambda * (W0 + lambda s B A) / ||W0 + lambda s B A||, the norm detached."""
+        W = self.weight + self.delta_weight(scale)
+        m = self.m0 + scale * (self.magnitude - self.m0)
+        factor = m / output_norms(W).detach()  # [out]
+        return W * factor.view(-1, *[1] * (W.dim() - 1))
+
+    def forward(self, x):
+        if not self.enabled or self.merged_scale is not None or self.scale == 0:
+            return self.base(x)
+        return self.layer_with(x, self.adapted_weight(self.scale))
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged_scale is None and self.enabled:
+            self.unmerged_weight = self.weight.clone()
+            self.weight.copy_(self.adapted_weight(self.scale))
+            self.merged_scale = self.scale
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged_scale is not None:
+            self.weight.copy_(self.unmerged_weight)
+            self.unmerged_weight, self.merged_scale = None, None
+
+
+class DoraLayer(DoraMixin, LoraLayer):
+    """DoRA on an nn.Linear."""
+
+
+class DoraConv2d(DoraMixin, LoraConv2d):
+    """DoRA on an nn.Conv2d."""
+
+
+def output_norms(weight):
+    """||W||, one number per output: [out, in] or [out, in, k, k] -> [out]."""
+    return weight.flatten(1).norm(dim=1)
+
+
+VARIANTS = {"lora": {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d},
+            "dora": {nn.Linear: DoraLayer, nn.Conv2d: DoraConv2d}}
 
 
 def bottom(layer):
@@ -134,10 +218,13 @@ def target_names(targets):
     return {name for t in targets for name in TARGET_GROUPS.get(t, (t,))}
 
 
-def inject_lora(model, targets=("attn",), r=4, alpha=4.0, dropout=0.0):
+def inject_lora(model, targets=("attn",), r=4, alpha=4.0, dropout=0.0, variant="lora", rslora=False):
     """Wrap every nn.Linear / nn.Conv2d whose attribute name is in `targets` (groups or names) in a LoRA
-    layer; freeze everything else. Returns {path of the layer in the base model: LoRA layer}, in module order.
+    layer of `variant` (lora or dora); freeze everything else. Returns {path of the layer in the base model:
+    LoRA layer}, in module order.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown LoRA variant {variant!r}: choose {' or '.join(VARIANTS)}")
     names = target_names(targets)
     model.requires_grad_(False)
     layers = {}
@@ -145,9 +232,11 @@ def inject_lora(model, targets=("attn",), r=4, alpha=4.0, dropout=0.0):
         if isinstance(module, LoraBase):
             continue  # its children are the layer it wraps; the wrapper itself is what gets stacked on
         for name, child in list(module.named_children()):
-            kind = {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d}.get(type(bottom(child)))
+            kind = VARIANTS[variant].get(type(bottom(child)))
+            if name in names and isinstance(child, DoraMixin):
+                raise ValueError(f"{path}.{name} holds a DoRA adapter, which cannot be stacked with another")
             if name in names and kind is not None:
-                layer = kind(child, r, alpha, dropout)
+                layer = kind(child, r, alpha, dropout, rslora)
                 setattr(module, name, layer)
                 layers[f"{path}.{name}" if path else name] = layer
     if not layers:
@@ -182,10 +271,20 @@ def parameter_report(model):
     return trainable, total
 
 
+def param_groups(layers, lr, lr_ratio=1.0):
+    """The optimizer's parameter groups. LoRA+ (Hayou et al. 2024): B starts at zero and carries the update's
+    size, A only its directions; with equal learning rates B learns too slowly in wide layers, so B gets
+    lr_ratio times A's rate. `lr_scale` is the group's share of the schedule's learning rate (trainer.py)."""
+    b = [layer.lora_B for layer in layers.values()]
+    rest = [p for layer in layers.values() for name, p in layer.named_parameters(recurse=False) if name != "lora_B"]
+    return [dict(params=rest, lr=lr, lr_scale=1.0), dict(params=b, lr=lr * lr_ratio, lr_scale=lr_ratio)]
+
+
 def adapter_tensors(layers):
-    """{'down.1.attn.w_q.lora_A': [r, in], '...lora_B': [out, r], ...}: the adapter alone, keyed by layer path."""
-    return {f"{path}.{name}": getattr(layer, name).detach().clone()
-            for path, layer in layers.items() for name in ("lora_A", "lora_B")}
+    """{'down.1.attn.w_q.lora_A': [r, in], '...lora_B': [out, r], ...} (and DoRA's '...magnitude': [out]):
+    the adapter alone, keyed by layer path."""
+    return {f"{path}.{name}": p.detach().clone()
+            for path, layer in layers.items() for name, p in layer.named_parameters(recurse=False)}
 
 
 def save_lora(path, layers, config, base_fingerprint, step, dtype=torch.float32):
@@ -203,7 +302,7 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
 
     The model must be the base the adapter was trained on: its fingerprint (of the weights without any
     adapter; pass `base_fingerprint` when stacking a second adapter) must match the file's. Refuses, with a
-    one-line a file from another base, or one whose tensors do not fit the layers it describes.
+    one-line error, a file from another base, or one whose tensors do not fit the layers it describes.
     Returns (adapter file dict, {path: LoRA layer}).
     """
     adapter = load_file(path, ADAPTER_KIND, device)
@@ -216,7 +315,8 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
     if base_fp != this_fp:
         raise ValueError(f"{path} was trained on a different base model (fingerprint {base_fp}, "
                         f"this checkpoint is {this_fp})")
-    layers = inject_lora(model, targets, r, alpha, float(config.get("dropout", 0.0)))
+    layers = inject_lora(model, targets, r, alpha, float(config.get("dropout", 0.0)),
+                         config.get("variant", "lora"), bool(config.get("rslora", False)))
     expected = {k: v.shape for k, v in adapter_tensors(layers).items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -229,6 +329,6 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
             raise ValueError(f"{path} holds non-finite numbers in {name}; the adapter is broken")
     with torch.no_grad():
         for path_, layer in layers.items():
-            layer.lora_A.copy_(tensors[f"{path_}.lora_A"])
-            layer.lora_B.copy_(tensors[f"{path_}.lora_B"])
+            for name, p in layer.named_parameters(recurse=False):
+                p.copy_(tensors[f"{path_}.{name}"])
     return adapter, layers

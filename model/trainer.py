@@ -105,7 +105,7 @@ def fit(model, diffusion, images, labels, optimizer, ema, config, *, min_snr_gam
             generator = torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch)
             for x_0, y in batches(images, labels, config.batch_size, generator, start=skip):
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, config.lr, config.warmup, total_steps)
+                    group["lr"] = lr_at(step, config.lr, config.warmup, total_steps) * group.get("lr_scale", 1.0)
                 with autocast(device):
                     loss = diffusion.loss(forward, x_0, y, config.p_uncond, min_snr_gamma)
                 optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,167 @@
+"""The LoRA family (rsLoRA, LoRA+, DoRA) and v-prediction pass the same checks as plain LoRA and eps."""
+import math
+import os
+
+import pytest
+import torch
+
+import lora_finetune
+import train
+from model.checkpoint import fingerprint, load_model
+from model.diffusion import Diffusion
+from model.lora import (DoraConv2d, DoraLayer, LoraLayer, inject_lora, load_lora, merge_lora, param_groups,
+                        save_lora, set_lora, unmerge_lora)
+from model.unet import UNet
+
+from conftest import TINY
+from test_lora import base_model, run
+
+VARIANTS = [dict(variant="lora"), dict(variant="lora", rslora=True), dict(variant="dora")]
+
+
+def adapted(targets=("attn", "conv"), **variant):
+    """A tiny base model and a copy with an adapter of `variant` whose tensors are all moved off their init."""
+    base, model = base_model(frozen=True), base_model()
+    layers = inject_lora(model, targets, r=4, alpha=8, **variant)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in layers.values():
+            for p in layer.parameters(recurse=False):
+                p.add_(0.05 * torch.randn_like(p))
+    return base, model, layers
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_every_variant_starts_bit_identical_to_the_base(variant):
+    base, model = base_model(frozen=True), base_model()
+    inject_lora(model, ("attn", "conv"), r=4, alpha=8, **variant)
+    assert torch.equal(run(model), run(base))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_every_variant_merges_and_unmerges_exactly(variant):
+    base, model, _ = adapted(**variant)
+    unmerged = run(model)
+    assert not torch.allclose(unmerged, run(base), atol=1e-3)  # the adapter does something
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_lora(model)
+    assert torch.allclose(run(model), unmerged, atol=1e-5)
+    unmerge_lora(model)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, before[k], atol=1e-6), k
+    set_lora(model, enabled=False)  # unmerged and switched off: the base again (LoRA's W0 + dW - dW to rounding)
+    assert torch.allclose(run(model), run(base), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_every_variant_round_trips_through_the_adapter_file(variant, tmp_path):
+    base, model, layers = adapted(**variant)
+    config = dict(r=4, alpha=8, targets=["attn", "conv"], style="bold", **variant)
+    save_lora(tmp_path / "a.pt", layers, config, fingerprint(base), step=1)
+    fresh = base_model()
+    adapter, loaded = load_lora(fresh, tmp_path / "a.pt")
+    assert adapter["config"]["variant"] == variant["variant"]
+    assert all(isinstance(l, DoraLayer | DoraConv2d) == (variant["variant"] == "dora") for l in loaded.values())
+    assert torch.equal(run(fresh), run(model))
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    plain, rs = LoraLayer(torch.nn.Linear(16, 16), r=4, alpha=8), LoraLayer(torch.nn.Linear(16, 16), r=4, alpha=8, rslora=True)
+    assert plain.scaling == 2.0 and rs.scaling == 8 / math.sqrt(4)
+
+
+def test_dora_is_magnitude_times_direction_with_the_norm_detached():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5)
+    layer = DoraLayer(linear, r=2, alpha=2.0)
+    assert torch.equal(layer.magnitude, linear.weight.norm(dim=1))  # m starts at the row norms of W0
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude.mul_(torch.linspace(0.5, 2, 5))
+    x = torch.randn(3, 6)
+    W = linear.weight + layer.lora_B @ layer.lora_A  # alpha / r = 1
+    expected = x @ (layer.magnitude[:, None] * W / W.norm(dim=1, keepdim=True)).T + linear.bias
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    # The norm is a constant for the gradient (DoRA sec. 4.3): the gradient of the formula with it detached.
+    layer(x).sum().backward()
+    B = layer.lora_B.detach().clone().requires_grad_()
+    W = linear.weight + B @ layer.lora_A.detach()
+    (x @ (layer.magnitude.detach()[:, None] * W / W.norm(dim=1, keepdim=True).detach()).T).sum().backward()
+    assert torch.allclose(layer.lora_B.grad, B.grad, atol=1e-6)
+    # Scale 0 is the base; DoRA cannot sit on top of another adapter.
+    layer.scale = 0.0
+    assert torch.equal(layer(x), linear(x))
+    with pytest.raises(ValueError, match="stacked"):
+        DoraLayer(LoraLayer(torch.nn.Linear(6, 5), r=2), r=2)
+
+
+def test_lora_plus_gives_b_its_own_learning_rate_through_training(data_dir, tmp_path):
+    base = str(tmp_path / "model.pt")
+    train.main(["--data-dir", data_dir, "--out", base, "--channels", "16,32,32", "--batch-size", "16",
+                "--max-steps", "2", "--device", "cpu", "--figures", str(tmp_path / "fig")])
+    out = str(tmp_path / "plus.pt")
+    lora_finetune.main(["--base", base, "--out", out, "--data-dir", data_dir, "--max-steps", "3", "--batch-size", "16",
+                        "--targets", "attn", "--lr", "1e-3", "--lr-ratio", "16", "--warmup", "1", "--device", "cpu",
+                        "--figures", str(tmp_path / "fig")])
+    groups = torch.load(lora_finetune.resume_path(out), weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 16.0]
+    assert groups[1]["lr"] == pytest.approx(16 * groups[0]["lr"]) and groups[0]["lr"] > 0
+    assert len(groups[1]["params"]) == 15 and len(groups[0]["params"]) == 15  # B of each of w_q/k/v; A of each
+    model, _, _ = load_model(base)
+    layers = inject_lora(model, ("attn",), r=8)
+    a, b = param_groups(layers, 1e-3, 16)
+    assert all(p.shape[1] == 8 for p in b["params"]) and b["lr"] == 16e-3
+
+
+def test_v_prediction_reads_back_the_same_x0_as_eps_prediction():
+    d_eps, d_v = Diffusion(T=1000), Diffusion(T=1000, prediction="v")
+    torch.manual_seed(0)
+    x_0, eps = torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(4, 1, 28, 28)
+    for t in (0, 250, 999):
+        tt = torch.full((4,), t)
+        x_t = d_eps.q_sample(x_0, tt, eps)
+        v = d_v.velocity(x_0, tt, eps)
+        assert torch.allclose(d_v.eps_from(x_t, t, v), eps, atol=1e-4)  # v read back as eps
+        x0_eps = d_eps.predict_x0(x_t, t, d_eps.eps_from(x_t, t, eps))
+        x0_v = d_v.predict_x0(x_t, t, d_v.eps_from(x_t, t, v))
+        assert torch.allclose(x0_eps, x0_v, atol=2e-3 if t == 999 else 1e-4)
+
+
+def test_v_prediction_trains_on_v_and_is_recorded(data_dir, tmp_path):
+    d = Diffusion(T=100, prediction="v")
+    x_0 = torch.rand(8, 1, 28, 28) * 2 - 1
+
+    def oracle(x_t, t, y):  # knows x_0, so it can compute the true v from x_t: the loss must be zero
+        alpha_bar = d.alpha_bar_on(x_t.device)[t].view(-1, 1, 1, 1)
+        eps = (x_t - alpha_bar.sqrt() * x_0) / (1 - alpha_bar).sqrt()
+        return d.velocity(x_0, t, eps)
+
+    oracle.config = dict(num_classes=10)
+    assert d.loss(oracle, x_0, torch.zeros(8, dtype=torch.long), min_snr_gamma=5.0) < 1e-8
+    out = str(tmp_path / "v.pt")
+    train.main(["--data-dir", data_dir, "--out", out, "--channels", "16,32,32", "--batch-size", "16",
+                "--max-steps", "2", "--device", "cpu", "--prediction", "v", "--figures", str(tmp_path / "fig")])
+    _, diffusion, ckpt = load_model(out)
+    assert diffusion.prediction == "v" and ckpt["train"]["prediction"] == "v"
+    with pytest.raises(ValueError, match="prediction"):
+        Diffusion(prediction="x0")
+
+
+def test_the_lora_ablation_trains_and_scores_each_row(data_dir, tmp_path, monkeypatch):
+    import ablate
+    base = str(tmp_path / "model.pt")
+    train.main(["--data-dir", data_dir, "--out", base, "--channels", "16,32,32", "--batch-size", "16",
+                "--max-steps", "2", "--device", "cpu", "--figures", str(tmp_path / "fig")])
+    monkeypatch.setattr(ablate, "LORA_RUNS", {"LoRA r=8 (preset)": [], "DoRA r=8": ["--variant", "dora"]})
+    monkeypatch.setattr(ablate, "STYLES", ("bold",))
+    out = tmp_path / "ablation.md"
+    text = ablate.main(["lora", "--base", base, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu",
+                        "--work", str(tmp_path / "work"), "--flags", "--max-steps 1 --batch-size 16",
+                        "--classifier", os.path.join(os.path.dirname(ablate.__file__), "pretrained", "classifier.pt"),
+                        "--out", str(out)])
+    assert out.read_text() == text and "`--max-steps 1 --batch-size 16`" in text
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    lora, dora = rows["| LoRA r=8 (preset)"], rows["| DoRA r=8 (`--variant dora`)"]
+    assert int(dora[1].replace(",", "")) > int(lora[1].replace(",", ""))  # DoRA adds one magnitude per output
+    assert torch.load(tmp_path / "work" / "bold-1.pt", weights_only=True)["config"]["variant"] == "dora"
+    assert "MiB" in lora[4] and lora[5].endswith("%") is False and "%" in lora[5]
