@@ -14,11 +14,13 @@ so it loads with `torch.load(weights_only=True)`:
     step, losses, seconds
 
 Files are written atomically: to a temporary file in the same folder, then renamed over the target, so a
-crash or Ctrl-C during a save never leaves a half-written checkpoint behind. `map_location` lets a
+crash or Ctrl-C during a save never leaves a half-written checkpoint behind. A save killed outright
+(SIGKILL, power loss) leaves its temporary file; the next save in that folder deletes it. `map_location` lets a
 checkpoint written on a GPU load on a CPU-only machine.
 """
 import hashlib
 import os
+import re
 import tempfile
 
 import torch
@@ -30,18 +32,48 @@ MODEL_KIND = "mnist-diffusion"
 
 
 def save_file(obj, path):
-    """torch.save to `path` atomically (temp file + rename)."""
+    """torch.save to `path` atomically (temp file + rename). A failed write (a full disk) is one OSError and
+    leaves the previous file at `path` as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
         os.chmod(tmp, 0o644)  # mkstemp creates the file private (0600); a checkpoint is ordinary data
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            kept = "; the previous file there is unchanged" if os.path.exists(path) else ""
+            raise OSError(f"cannot write {path}: {str(e).splitlines()[0]} (is the disk full?){kept}") from None
         raise
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of saves that were killed before their rename: `.tmp-PID-*.pt` whose
+    process PID is gone. Another process's save in progress is left alone. (POSIX only: on Windows,
+    os.kill cannot ask whether a process exists.)"""
+    if os.name != "posix":
+        return
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"\.tmp-(\d+)-\w+\.pt", name)
+        if match and not process_exists(int(match.group(1))):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass  # gone already, or not ours to delete: either way not worth failing a save for
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: delivers nothing, only checks
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user's process
+    return True
 
 
 def load_file(path, kind, device="cpu"):

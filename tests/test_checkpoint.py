@@ -1,5 +1,7 @@
 """Checkpoints round-trip exactly, are written atomically, load across devices and fail in one line."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,6 +36,31 @@ def test_round_trip_is_exact(tiny_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(model.eval()(x, t, y), loaded.eval()(x, t, y))
     assert set(os.listdir(tmp_path)) == {"m.pt"}  # no temporary file left behind
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale temporaries are found by process id on POSIX")
+def test_a_save_removes_temporaries_of_killed_saves_only(tiny_model, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-{int(dead.stdout)}-abc123.pt"  # a save whose process was killed mid-write
+    running = tmp_path / f".tmp-{os.getpid()}-xyz789.pt"    # a save still in progress (this very process)
+    stale.write_bytes(b"partial"), running.write_bytes(b"partial")
+    _save(tiny_model, str(tmp_path / "m.pt"))
+    assert not stale.exists() and running.exists() and (tmp_path / "m.pt").exists()
+
+
+def test_a_failed_write_is_one_error_and_keeps_the_previous_file(tiny_model, tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    checkpoint.save_file(dict(kind="x", step=1), path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="disk full.*unchanged"):
+        checkpoint.save_file(dict(kind="x", step=2), path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.pt"]  # no temporary left either
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to write a GPU checkpoint")
