@@ -7,7 +7,8 @@
 Writes a markdown report (--out) and the figures guidance.png (one row per guidance scale) and steps.png
 (quality against sampling steps). Every number comes from this run on this machine; the report names the
 device. Sampling times exclude a short warm-up, reported beside them (cuDNN's first call of each shape;
-on CUDA one extra DDIM-50 row runs through torch.compile, whose compilation is that row's warm-up).
+on CUDA one extra row runs through torch.compile, whose compilation is that row's warm-up). The sampler,
+guidance scale and interval are the checkpoint's preset's unless --guidance / --guidance-interval say otherwise.
 """
 import json
 import os
@@ -23,8 +24,8 @@ import torch  # noqa: E402
 
 import lora_finetune  # noqa: E402
 import train  # noqa: E402
-from model.cli import Parser, check_writable, pick_device, positive_int, run_cli  # noqa: E402
-from model.config import TrainConfig  # noqa: E402
+from model.cli import OUTPUTS, Parser, check_writable, nonnegative_float, pick_device, positive_int, run_cli  # noqa: E402
+from model.config import PRESETS, TrainConfig, preset_for  # noqa: E402
 from model.figures import save_grid  # noqa: E402
 from model.lora import merge_lora  # noqa: E402
 from model.metrics import FLOOR_DRAWS, Judge  # noqa: E402
@@ -41,9 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--lora", default="checkpoints/lora.pt", help="adapter file (trained unless --skip-train)")
     p.add_argument("--skip-train", action="store_true", help="measure existing checkpoints only")
     p.add_argument("--per-digit", type=positive_int, default=1000, help="samples per digit for every row")
-    p.add_argument("--guidance", type=float, default=1.5, help="guidance scale of the sampler rows")
-    p.add_argument("--guidance-interval", default="auto",
-                   help="steps where guidance acts in every row but the 'every step' ones: auto, all or FIRST,LAST")
+    p.add_argument("--guidance", type=nonnegative_float, help="guidance scale of the sampler rows (default: the preset's)")
+    p.add_argument("--guidance-interval",
+                   help="steps where guidance acts in every row but the 'every step' ones: auto, all or FIRST,LAST "
+                        "(default: the preset's)")
     p.add_argument("--batch-size", type=positive_int, default=10000, help="images sampled at once")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet for every sampling row (CUDA always gets one compiled row too)")
@@ -52,8 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/")
     p.add_argument("--classifier", default="pretrained/classifier.pt", help="evaluation classifier")
-    p.add_argument("--figures", default="figure", help="folder for guidance.png and steps.png")
-    p.add_argument("--out", help="markdown report, a .json beside it (default figure/benchmark.md; with --speed: "
+    p.add_argument("--figures", default=OUTPUTS, help="folder for guidance.png and steps.png")
+    p.add_argument("--out", help="markdown report, a .json beside it (default outputs/benchmark.md; with --speed: "
                                  "printed only)")
     p.add_argument("--train-args", default="", help="extra flags for train.py, e.g. '--epochs 5'")
     p.add_argument("--speed", action="store_true",
@@ -98,7 +100,8 @@ def timed_generate(net, diffusion, labels, device, batch_size, **sampling):
 
 def main(argv=None):
     args = parse_args(argv)
-    interval = parse_interval(args.guidance_interval)  # bad values fail now, not after the training
+    if args.guidance_interval is not None:
+        parse_interval(args.guidance_interval)  # bad values fail now, not after the training
     samplers = parse_samplers(args.samplers)
     device = pick_device(args.device)
     hardware = hardware_name(device)
@@ -106,7 +109,7 @@ def main(argv=None):
     print(f"benchmark on {hardware}, PyTorch {torch.__version__}")
     if args.speed:
         return speed(args, device)
-    args.out = args.out or "figure/benchmark.md"
+    args.out = args.out or os.path.join(OUTPUTS, "benchmark.md")
     check_writable(args.out)  # a report that cannot be written fails now, not after the whole run
     if not args.skip_train and max(steps for _, steps, _ in samplers) > TrainConfig.T:
         raise ValueError(f"--samplers: at most T = {TrainConfig.T} steps, got {args.samplers}")
@@ -132,9 +135,13 @@ def main(argv=None):
             json.dump(report, f, indent=1, default=float)
 
     # Both models and the settings are checked before the classifier and the first row spend any time.
-    model, diffusion, _, _ = load_sampler(args.ckpt, device)
-    lora_model, _, _, _ = load_sampler(args.ckpt, device, loras=[args.lora])
+    model, diffusion, ckpt, _ = load_sampler(args.ckpt, device)
+    lora_model, _, _, adapters = load_sampler(args.ckpt, device, loras=[args.lora])
+    preset = PRESETS[ckpt.get("preset") or preset_for(device)]["sample"]
+    steps, guidance = preset.steps, preset.guidance if args.guidance is None else args.guidance
+    interval = parse_interval(args.guidance_interval or preset.guidance_interval)
     interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
+    report["sampling"] = dict(steps=steps, guidance=guidance)
     if max(steps for _, steps, _ in samplers) > diffusion.T:
         raise ValueError(f"--samplers: at most T = {diffusion.T} steps, got {args.samplers}")
     net = torch.compile(model, dynamic=False) if args.compile else model
@@ -159,19 +166,19 @@ def main(argv=None):
     os.makedirs(args.figures, exist_ok=True)
     report["guidance"], grids = [], {}
     for s in GUIDANCE:
-        row, images = run(f"s={s:g}", sampler="ddim", steps=50, guidance=s)
+        row, images = run(f"s={s:g}", sampler="ddim", steps=steps, guidance=s)
         report["guidance"].append(row)
         grids[f"s={s:g}"] = images.view(10, args.per_digit, 28, 28)[:, 0]  # the first sample of each digit
     save_grid(os.path.join(args.figures, "guidance.png"), {"": torch.stack(list(grids.values()))}, list(grids),
-              [str(d) for d in range(10)], title=f"guidance scale s (DDIM-50, guidance on t in "
+              [str(d) for d in range(10)], title=f"guidance scale s (DDIM-{steps}, guidance on t in "
               f"{list(interval) if interval else 'all'}, same seed)")
     for s in GUIDANCE_EVERY_STEP:  # the same scales with guidance at every step: what the interval buys
-        report["guidance"].append(run(f"s={s:g}, every step", sampler="ddim", steps=50, guidance=s,
+        report["guidance"].append(run(f"s={s:g}, every step", sampler="ddim", steps=steps, guidance=s,
                                       guidance_interval=None)[0])
     write()
 
-    default = dict(sampler="ddim", steps=50, guidance=args.guidance)
-    trainable = sum(p.numel() for n, p in lora_model.named_parameters() if n.endswith(("lora_A", "lora_B")))
+    default = dict(sampler="ddim", steps=steps, guidance=guidance)
+    trainable = sum(t.numel() for t in adapters[0][0]["tensors"].values())
     base_row, _ = run("base", **default)
     lora_row, _ = run("LoRA unmerged", net=lora_model, **default)
     merge_lora(lora_model)
@@ -184,12 +191,12 @@ def main(argv=None):
 
     report["samplers"] = []
     if device.type == "cuda" and not args.compile:  # one compiled row; its compile time is its warm-up
-        report["samplers"].append(dict(run("DDIM-50, torch.compile", net=torch.compile(model, dynamic=False),
+        report["samplers"].append(dict(run(f"DDIM-{steps}, torch.compile", net=torch.compile(model, dynamic=False),
                                            **default)[0], compiled=True))
         write()
-    for sampler, steps, per_digit in samplers:
-        row, _ = run(f"{sampler.upper()}-{steps}", per_digit=per_digit or args.per_digit, sampler=sampler,
-                     steps=steps, guidance=args.guidance)
+    for sampler, n_steps, per_digit in samplers:
+        row, _ = run(f"{sampler.upper()}-{n_steps}", per_digit=per_digit or args.per_digit, sampler=sampler,
+                     steps=n_steps, guidance=guidance)
         report["samplers"].append(row)
         eager = [r for r in report["samplers"] if "compiled" not in r]
         save_steps_plot(os.path.join(args.figures, "steps.png"), eager)
@@ -341,14 +348,15 @@ def to_markdown(r, args):
                        f"{row['fid'] / row['fid_floor']:.2f}x |")
     interval = r.get("guidance_interval")
     on = f"t in [{interval[0]}, {interval[1]}]" if interval else "every step"
-    where = f"guidance {args.guidance:g} on {on}"
+    sampling = r.get("sampling", {})
+    where = f"guidance {sampling.get('guidance', 0):g} on {on}"
     out += ["Time: the timed run of all digits; warm-up: two 2-step runs before it, which hold the one-off costs "
             "(cuDNN's first calls, torch.compile's compilation).\n"]
     if r.get("samplers"):
         out += [f"## Samplers ({where}, batch {args.batch_size:,}{bf16})\n",
                 head[0].format("sampler"), head[1]] + [fmt(row) for row in r["samplers"]] + [""]
     if r.get("guidance"):
-        out += [f"## Guidance sweep (DDIM-50{bf16}; guidance on {on} unless the row says every step)\n",
+        out += [f"## Guidance sweep (DDIM-{sampling['steps']}{bf16}; guidance on {on} unless the row says every step)\n",
                 head[0].format("guidance s"), head[1]]
         out += [fmt(row) for row in r["guidance"]] + [""]
     if "lora" in r:
@@ -357,8 +365,8 @@ def to_markdown(r, args):
                 f"| base UNet | {lo['base_params']:,} | {lo['base_weight_bytes'] / 2**20:.2f} MiB | "
                 f"{lo['base_bytes'] / 2**20:.2f} MiB (weights, EMA weights, optimizer state) |",
                 f"| LoRA adapter | {lo['adapter_params']:,} ({100 * lo['adapter_params'] / lo['base_params']:.2f}%) | "
-                f"{lo['adapter_weight_bytes'] / 1024:.0f} KiB | {lo['adapter_bytes'] / 1024:.0f} KiB (with resume state) |",
-                "", f"Sampling with DDIM-50, {where}:\n", head[0].format("model"), head[1]]
+                f"{lo['adapter_weight_bytes'] / 1024:.0f} KiB | {lo['adapter_bytes'] / 1024:.0f} KiB |",
+                "", f"Sampling with DDIM-{sampling['steps']}, {where}:\n", head[0].format("model"), head[1]]
         out += [fmt(row) for row in lo["rows"]]
     return "\n".join(out) + "\n"
 
