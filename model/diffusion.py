@@ -54,13 +54,20 @@ class Diffusion:
         self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
-        self._alpha_bar_on = {}  # device -> float32 copy, so training steps do no host-to-device copies
+        self._on_device = {}  # device -> float32 copy of alpha_bar, so training steps do no host-to-device copies
 
-    def alpha_bar_on(self, device):
-        """alpha_bar as float32 on `device`, copied there once and then reused."""
-        if device not in self._alpha_bar_on:
-            self._alpha_bar_on[device] = self.alpha_bar.to(device, torch.float32)
-        return self._alpha_bar_on[device]
+    def alpha_bar_at(self, t):
+        """alpha_bar_t, the one way every formula below reads it.
+
+        t a tensor of steps [B] (training: a random step per image) -> float32 [B,1,1,1] on t's device,
+        ready to multiply images. t an int (sampling: one step for the whole batch) -> a Python float, with
+        alpha_bar_{-1} = 1 (the clean image) for the step after the last.
+        """
+        if isinstance(t, int):
+            return 1.0 if t < 0 else float(self.alpha_bar[t])
+        if t.device not in self._on_device:
+            self._on_device[t.device] = self.alpha_bar.to(t.device, torch.float32)
+        return self._on_device[t.device][t].view(-1, 1, 1, 1)
 
     def config(self):
         return dict(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end, prediction=self.prediction)
@@ -74,20 +81,16 @@ class Diffusion:
             raise ValueError(f"no step of this schedule has sigma in ({sigma_lo}, {sigma_hi}]")
         return inside[0], inside[-1]
 
-    def _alpha_bar(self, t):
-        """alpha_bar_t as a Python float, with alpha_bar_{-1} = 1 (the clean image) for the last step."""
-        return 1.0 if t < 0 else float(self.alpha_bar[t])
-
     # ---- forward process and training -------------------------------------------------------------
 
     def q_sample(self, x_0, t, eps):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for a batch of steps t [B]."""
-        alpha_bar = self.alpha_bar_on(x_0.device)[t].view(-1, 1, 1, 1)  # [B,1,1,1]
+        alpha_bar = self.alpha_bar_at(t)  # [B,1,1,1]
         return alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * eps
 
     def velocity(self, x_0, t, eps):
         """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0: the v-prediction target, for steps t [B]."""
-        alpha_bar = self.alpha_bar_on(x_0.device)[t].view(-1, 1, 1, 1)
+        alpha_bar = self.alpha_bar_at(t)
         return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x_0
 
     def loss(self, model, x_0, y, p_uncond=0.0, min_snr_gamma=None):
@@ -111,7 +114,7 @@ class Diffusion:
         target = eps if self.prediction == "eps" else self.velocity(x_0, t, eps)
         err = (model(x_t, t, y).float() - target).pow(2).mean(dim=(1, 2, 3))    # [B]: per-example MSE
         if min_snr_gamma:
-            alpha_bar = self.alpha_bar_on(x_0.device)[t]
+            alpha_bar = self.alpha_bar_at(t).flatten()  # [B]
             snr = alpha_bar / (1 - alpha_bar)
             # The v loss already weighs step t by SNR_t + 1 relative to the eps loss; divide that out.
             err = err * snr.clamp(max=min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
@@ -123,12 +126,12 @@ class Diffusion:
         """The network's output read as eps_hat: itself, or from v: eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t."""
         if self.prediction == "eps":
             return out
-        alpha_bar = self._alpha_bar(t)
+        alpha_bar = self.alpha_bar_at(t)
         return alpha_bar ** 0.5 * out + (1 - alpha_bar) ** 0.5 * x_t
 
     def predict_x0(self, x_t, t, eps):
         """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to the pixel range."""
-        alpha_bar = self._alpha_bar(t)
+        alpha_bar = self.alpha_bar_at(t)
         return ((x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5).clamp(-1, 1)
 
     def ddpm_step(self, x_t, t, t_prev, eps, noise):
@@ -142,7 +145,7 @@ class Diffusion:
         DDPM's beta_t and alpha_t; for a larger jump they are the "respaced" values of Nichol & Dhariwal
         (2021), which lets DDPM run with fewer steps too.
         """
-        alpha_bar, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        alpha_bar, alpha_bar_prev = self.alpha_bar_at(t), self.alpha_bar_at(t_prev)
         alpha = alpha_bar / alpha_bar_prev
         beta = 1 - alpha
         x0_hat = self.predict_x0(x_t, t, eps)
@@ -156,7 +159,7 @@ class Diffusion:
 
             sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
         """
-        alpha_bar, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        alpha_bar, alpha_bar_prev = self.alpha_bar_at(t), self.alpha_bar_at(t_prev)
         x0_hat = self.predict_x0(x_t, t, eps)
         # Re-derive eps from the clipped x0_hat so that the two agree; then eta = 1 is exactly DDPM.
         eps = (x_t - alpha_bar ** 0.5 * x0_hat) / (1 - alpha_bar) ** 0.5

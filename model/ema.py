@@ -6,13 +6,11 @@ SGD's last iterate jitters around a good solution; the average sits closer to it
 cleaner samples. The warm-up term (1 + k)/(10 + k) matters for short runs: with a fixed decay of 0.999 the
 average would still hold 0.999^2000 = 14% of the *random initial* weights after 2,000 steps.
 
-In fact the warm-up term *is* the average in every default run of this repo: it stays below 0.999 until step
-8,990, so the default cap `decay` = 0.999 never binds in any preset's run (the cpu base model's 1,875
-steps, the gpu one's 1,404, a LoRA's 351 to 500).
-Multiplied out, the weight of step k in the average after K steps is proportional to k^8 -- a
-"power-function EMA" (Karras et al. 2024, EDM2, with gamma = 8) whose length is a fixed share of the run:
-centred at 90% of it, about 9% of it wide (a test checks both). That is why the same formula suits the
-short LoRA runs and the base model alike.
+The warm-up term stays below the cap 0.999 until step 8,990, so in runs as short as this repo's (a few
+hundred to a few thousand steps) it *is* the average. Multiplied out, the weight of step k in the average
+after K steps is proportional to k^8 -- a "power-function EMA" (Karras et al. 2024, EDM2, with gamma = 8)
+whose length is a fixed share of the run: centred at 90% of it, about 9% of it wide (a test checks both).
+That is why the same formula suits a short LoRA run and the base model alike.
 """
 import copy
 

@@ -15,11 +15,10 @@
 
 The reference must hold the same digits as the samples. The test set is not balanced (892 fives, 1,135
 ones), while we ask for 1,000 of each; and in a classifier's features every digit is its own tight cluster,
-so the mix of digits alone moves the mean and covariance. Measured (the classifier 33821a2c9da0b8fc, trained
-on a 2-core CPU; 13 draws): real training images, 1,000 per digit, score 3.97 +- 0.22 against the test set
-as it is and 3.25 +- 0.22 against the test set weighted to the same mix. So the test set is weighted, image
-by image, to the samples' label mix (`label_weights`); a run of one digit is then compared with real images
-of that digit only (1,000 real threes score 2,071 against the whole test set, 9.6 against its threes).
+so the mix of digits alone moves the mean and covariance (by about a fifth of the score for balanced real
+digits; docs/experiments.md has the measurement). So the test set is weighted, image by image, to the
+samples' label mix (`label_weights`); a run of one digit is then compared with real images of that digit
+only (real threes score hundreds of times worse against the whole test set than against its threes).
 
 The number means little alone, so we report it beside the "real-data floor": the same FID for real
 *training* images with the same labels as the samples -- what a perfect generator would score.

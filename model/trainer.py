@@ -5,6 +5,7 @@ with the closed-form forward process, and regress eps_theta(x_t, t, y) onto eps 
 
   * the learning rate warms up linearly for `warmup` steps, then follows a cosine down to 10% at the end
     of the planned run (`total_steps`; stopping earlier with `stop_at` does not change the schedule);
+    a parameter group with an `lr_scale` runs at that multiple of it (LoRA+'s B, lora.py);
   * gradients are clipped to norm 1 (diffusion losses have rare, large spikes at small t);
   * the EMA of the weights is updated after every step (ema.py);
   * bf16 autocast on CUDA; the loss stays on the device, and is copied to the host once an epoch
