@@ -98,8 +98,8 @@ def sampling_for(ckpt, diffusion, device):
 def lora_study(args, device, judge, labels):
     rows, off = {}, {}
     for style in STYLES:
-        for name, flags in LORA_RUNS.items():
-            out = os.path.join(args.work, f"{style}-{len(rows)}.pt")
+        for i, (name, flags) in enumerate(LORA_RUNS.items()):
+            out = os.path.join(args.work, f"{style}-{i}.pt")
             print(f"== {style}: {name}", flush=True)
             seconds, peak = run_script(["lora_finetune.py", "--base", args.base, "--out", out, "--style", style,
                                         "--force", "--data-dir", args.data_dir, "--figures", args.work, *args.flags.split(), *flags], device)

@@ -1,6 +1,6 @@
 """Chapter 3: draw digits by running the diffusion backwards, with or without LoRA adapters.
 
-    python denoise.py                                        # figure/samples.png: digits 0-9, ten of each
+    python denoise.py                                        # outputs/samples.png: digits 0-9, ten of each
     python denoise.py --lora checkpoints/lora.pt --compare   # LoRA off | on from the same noise
     python denoise.py --lora checkpoints/lora.pt --sweep     # the style fading in: scale 0 -> 1.5 (PNG and GIF)
     python denoise.py --ckpt pretrained/model.pt --lora pretrained/bold.pt pretrained/italic.pt --compare
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from model.cli import Parser, autocast, check_writable, parse_digits, pick_device, positive_int, run_cli
+from model.cli import OUTPUTS, Parser, autocast, check_writable, parse_digits, pick_device, positive_int, run_cli
 from model.data import to_uint8
 from model.figures import save_grid, save_strip_gif
 from model.lora import lora_layers, set_lora
@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--per-digit", type=positive_int, default=10, help="samples per digit")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="the averaged (default) or the last training weights")
-    p.add_argument("--figures", default="figure", help="folder for the figures (their names are below)")
+    p.add_argument("--figures", default=OUTPUTS, help=f"folder for the figures, named below (default {OUTPUTS}/; "
+                                                       "--figures figure refreshes the README's)")
     p.add_argument("--out", help="PNG grid (default FIGURES/samples.png, or FIGURES/samples_STYLE.png with --lora)")
     p.add_argument("--process", help="PNG of the reverse chain, one digit per row "
                    "(default FIGURES/denoise_process.png without --lora; '' to skip)")

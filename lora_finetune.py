@@ -61,6 +61,10 @@ def main(argv=None):
         raise ValueError("--out is the base checkpoint: the adapter would replace the model it adapts; "
                         "choose another --out")
     check_new_output(args.out, args.resume, args.force)
+    if args.resume and not os.path.isfile(resume_path(args.out)):
+        raise FileNotFoundError(f"--resume: {resume_path(args.out)} not found; it is written beside an adapter that "
+                                "lora_finetune.py trains (shipped adapters have none): start a new run with --force "
+                                "or another --out")
     check_writable(resume_path(args.out))
     check_writable(os.path.join(args.figures, "loss_lora.png"))
     device = pick_device(args.device)
@@ -78,6 +82,8 @@ def main(argv=None):
         base_gamma = TrainConfig(**base["train"]).min_snr_gamma if "train" in base else 0.0
         if config.min_snr_gamma is None:  # train on the objective the base was trained with
             config = replace(config, min_snr_gamma=base_gamma)
+    if config.variant == "dora" and config.dropout > 0:
+        raise ValueError("--variant dora forms the adapted weight itself and takes no --dropout")
     seed_everything(config.seed)
 
     images, labels = load_mnist(args.data_dir, train=True, device=device)
@@ -136,6 +142,7 @@ def main(argv=None):
           f"{base_size / 2**20:,.1f} MiB; resume state: {resume_path(args.out)}")
     if losses:
         save_loss_curve(os.path.join(args.figures, "loss_lora.png"), losses, title=f"LoRA fine-tuning loss ({config.style})")
+        print(f"wrote {os.path.join(args.figures, 'loss_lora.png')}")
     return dict(seconds=elapsed, trainable=trainable, total=total, lora_bytes=lora_size, base_bytes=base_size)
 
 

@@ -4,7 +4,7 @@
     python train.py --preset gpu         # the full-size run, wherever you are
     python train.py --max-steps 200      # stop early (a smoke run); --resume --max-steps 400 goes on
 
-Writes the checkpoint (--out), figure/loss.png (the training loss) and figure/forward_noising.png (one
+Writes the checkpoint (--out), outputs/loss.png (the training loss) and outputs/forward_noising.png (one
 digit pushed through the forward process). Ctrl-C saves a checkpoint; --resume continues from it exactly.
 Every setting comes from the preset (model/config.py) unless a flag says otherwise.
 """
@@ -108,6 +108,7 @@ def main(argv=None):
     print(f"trained {trained} steps in {elapsed:.1f} s ({rate:,.0f} images/s); checkpoint: {args.out}")
     if losses:
         save_loss_curve(os.path.join(args.figures, "loss.png"), losses)
+        print(f"wrote {os.path.join(args.figures, 'loss.png')} and forward_noising.png beside it")
     return dict(seconds=elapsed, steps=trained, images_per_s=rate)
 
 

@@ -13,6 +13,9 @@ import sys
 
 import torch
 
+# Where the scripts write their figures: an ignored folder, so a run never replaces the README's figure/.
+OUTPUTS = "outputs"
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the script's docstring as written and shows each flag's default (where it has one)."""
@@ -197,7 +200,8 @@ def add_training_flags(p, what):
     p.add_argument("--seed", type=int, help=f"seed for {what}'s init, the data order and the noise")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out and start over")
-    p.add_argument("--figures", default="figure", help="folder for the loss curve")
+    p.add_argument("--figures", default=OUTPUTS, help=f"folder for the figures (default {OUTPUTS}/; "
+                                                       "--figures figure refreshes the README's)")
 
 
 def check_new_output(path, resume, force):

@@ -48,8 +48,9 @@ class LoraBase(nn.Module):
 
     def __init__(self, base, r, alpha, dropout, a_shape, b_shape, rslora=False):
         super().__init__()
-        width = min(base.weight.shape[:2])
-        if not 1 <= r <= width:  # past the layer's width a "low-rank" update is just a larger full one
+        # dW = B A is an out x (in * k * k) matrix: past the smaller side a "low-rank" update is a larger full one
+        width = min(b_shape[0], math.prod(a_shape[1:]))
+        if not 1 <= r <= width:
             raise ValueError(f"LoRA rank must be between 1 and the layer's width {width}, got {r}")
         self.base = base.requires_grad_(False)  # W0 and b (or an adapter already stacked on them): frozen
         self.r, self.alpha = r, alpha

@@ -61,6 +61,9 @@ def test_layer_formula_and_init():
     assert torch.allclose(layer(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="width 5"):  # a rank past the layer's width is no low-rank update
         LoraLayer(torch.nn.Linear(6, 5), r=6)
+    LoraConv2d(torch.nn.Conv2d(1, 16, 3), r=9)  # a conv's update is 16 x (1 * 3 * 3): rank up to 9, one input channel or not
+    with pytest.raises(ValueError, match="width 9"):
+        LoraConv2d(torch.nn.Conv2d(1, 16, 3), r=10)
 
 
 def test_injection_is_bit_identical_at_init_and_freezes_the_base():

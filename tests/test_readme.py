@@ -6,7 +6,7 @@ import re
 import shlex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train", "lora_finetune", "denoise", "evaluate", "bench")
+SCRIPTS = ("train", "lora_finetune", "denoise", "evaluate", "bench", "ablate")
 
 
 def documented_commands():

@@ -171,6 +171,16 @@ def test_denoise_export_grid_and_process(data_dir, tmp_path):
     assert ddpm["images"].shape == (10, 28, 28) and ddpm["labels"].tolist() == list(range(10))
 
 
+def test_runs_write_their_figures_to_outputs_never_over_the_readmes(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a checkout of its own: figure/ holds the README's images
+    (tmp_path / "figure").mkdir()
+    train.main(["--data-dir", data_dir, "--out", "model.pt", "--channels", "16,32,32", "--batch-size", "16",
+                "--max-steps", "2", "--device", "cpu"])
+    denoise.main(["--ckpt", "model.pt", "--steps", "2", "--per-digit", "1", "--device", "cpu"])
+    assert {"loss.png", "forward_noising.png", "samples.png", "denoise_process.png"} <= set(os.listdir("outputs"))
+    assert os.listdir("figure") == []
+
+
 def test_evaluate_scores_the_same_digits_the_same_from_a_checkpoint_or_an_export(data_dir, tmp_path, capsys):
     """evaluate.py --ckpt and denoise.py --export + evaluate.py --samples draw the same digits. Scored as the
     8-bit images an export holds, they get the same numbers; scored as floats, the FIDs differed."""
@@ -272,6 +282,12 @@ def test_bad_values_are_refused_before_any_work(data_dir, tmp_path, capsys):
     _refused(train.main, ["--ema-decay", "1.5", *out], "--ema-decay", capsys)
     _refused(train.main, ["--p-uncond", "x", *out], "--p-uncond", capsys)
     _refused(lora_finetune.main, ["--base", ckpt, "--dropout", "2", *out], "--dropout", capsys)
+    _refused(lora_finetune.main, ["--base", ckpt, "--lr-ratio", "0", *out], "--lr-ratio", capsys)
+    _refused(lora_finetune.main, ["--base", ckpt, "--variant", "dora", "--dropout", "0.1", "--data-dir",
+                                  str(tmp_path / "nowhere"), *out], "takes no --dropout", capsys)  # before the data
+    (tmp_path / "shipped.pt").write_bytes(b"an adapter without its resume file")
+    _refused(lora_finetune.main, ["--base", ckpt, "--out", str(tmp_path / "shipped.pt"), "--resume"],
+             "shipped adapters have none", capsys)
     sample = ["--ckpt", ckpt, "--device", "cpu", "--classifier", str(tmp_path / "c.pt"), "--data-dir", data_dir]
     _refused(evaluate.main, [*sample, "--steps", "2000"], "--steps must be between 1 and T = 1000", capsys)
     _refused(evaluate.main, [*sample, "--eta", "5"], "--eta", capsys)
@@ -326,7 +342,8 @@ def test_bench_writes_every_section(data_dir, tmp_path):
         assert section in text
     names = [row["name"] for row in report["guidance"]]
     assert names == ["s=1", "s=1.5", "s=2", "s=3", "s=5", "s=1.5, every step", "s=2, every step"]
-    assert report["guidance"][1]["guidance_interval"] == [82, 578]  # the default interval, through JSON
+    assert report["guidance"][1]["guidance_interval"] == [82, 999]  # the cpu preset's interval, through JSON
+    assert report["sampling"] == dict(steps=PRESETS["cpu"]["sample"].steps, guidance=PRESETS["cpu"]["sample"].guidance)
     assert report["guidance"][-1]["guidance_interval"] is None
     assert [row["n"] for row in report["samplers"]] == [20, 10]
     for row in report["guidance"] + report["samplers"] + report["lora"]["rows"]:
