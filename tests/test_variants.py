@@ -88,7 +88,11 @@ def test_dora_is_magnitude_times_direction_with_the_norm_detached():
     W = linear.weight + B @ layer.lora_A.detach()
     (x @ (layer.magnitude.detach()[:, None] * W / W.norm(dim=1, keepdim=True).detach()).T).sum().backward()
     assert torch.allclose(layer.lora_B.grad, B.grad, atol=1e-6)
-    # Scale 0 is the base; DoRA cannot sit on top of another adapter.
+    # A scale blends both parts from the base: m0 + s (m - m0) and s B A. Scale 0 is the base itself.
+    layer.scale = 0.5
+    m = layer.m0 + 0.5 * (layer.magnitude - layer.m0)
+    W = linear.weight + 0.5 * layer.lora_B @ layer.lora_A
+    assert torch.allclose(layer(x), x @ (m[:, None] * W / W.norm(dim=1, keepdim=True)).T + linear.bias, atol=1e-6)
     layer.scale = 0.0
     assert torch.equal(layer(x), linear(x))
     with pytest.raises(ValueError, match="stacked"):
