@@ -216,7 +216,7 @@ def cpu_peak():
     return cores * ghz * 1e9 * per_cycle, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({isa})"
 
 
-def speed(args, device, steps=20, digits=100):
+def speed(args, device, steps=60, digits=100):
     """Training images/s and sampling digits/s of the preset's model, the way the scripts run it and as plain
     fp32 eager (contiguous tensors, no autocast), and the training step's FLOP rate."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -260,7 +260,7 @@ def speed(args, device, steps=20, digits=100):
     def sample_rate(chosen):
         model = build(chosen).eval()
         labels = torch.arange(10, device=device).repeat_interleave(digits // 10)
-        interval = resolve_interval("auto", diffusion)
+        interval = resolve_interval(parse_interval(sample.guidance_interval), diffusion)  # the preset's
         with autocast(chosen):
             generate(model, diffusion, labels, steps=2, guidance=sample.guidance, guidance_interval=interval)
             sync(device)
