@@ -111,3 +111,19 @@ def test_non_finite_weights_are_refused(tiny_model, tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match="non-finite"):
         load_model(path)
+
+
+def test_a_second_ctrl_c_cannot_cut_a_save_short(tmp_path):
+    import signal
+
+    from model.trainer import save_uninterrupted
+    written = []
+
+    def save(path):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C pressed again while the checkpoint is being written
+        checkpoint.save_file(dict(kind="x"), path)
+        written.append(path)
+
+    with pytest.raises(KeyboardInterrupt):  # passed on, but only after the save
+        save_uninterrupted(save, str(tmp_path / "m.pt"))
+    assert written and (tmp_path / "m.pt").exists()
