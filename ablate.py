@@ -8,7 +8,7 @@ the only change), each in a process of its own so that its time and peak memory 
 like evaluate.py: the same seeds, the committed classifier, FID beside the real-data floor. `lora` adapts
 --base (default: the shipped model) for the preset's 500 steps; `base` trains four models and scores each
 at a quarter, half, three quarters and all of its run (--max-steps, then --resume: the same run as one
-uninterrupted). On a 2-core CPU: about 40 minutes for `lora`, 30 for `base`. Writes a markdown table (--out).
+uninterrupted). On a 2-core CPU: about 47 minutes for `lora`, 24 for `base`. Writes a markdown table (--out).
 """
 import argparse
 import os
@@ -82,8 +82,9 @@ def run_script(argv, device):
         seconds = time.time() - start
         log.seek(0)
         output = log.read()
-    if code != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{output[-2000:]}")
+    if code != 0:  # the script's own last line says why (its `error: ...` line, or a traceback's last)
+        last = [line for line in output.replace("\r", "\n").splitlines() if line.strip()][-1:] or ["no output"]
+        raise ValueError(f"{argv[0]} {' '.join(argv[1:])} failed: {last[0].strip()}")
     gpu = [line for line in output.splitlines() if line.startswith("peak GPU memory:")]
     if gpu:
         peak = float(gpu[-1].split(":")[1].split()[0].replace(",", ""))
@@ -143,7 +144,7 @@ def lora_study(args, device, judge, labels):
 
 def base_study(args, device, judge, labels):
     preset = preset_for(device)
-    total = plan_steps(60_000, PRESETS[preset]["train"])
+    total = plan_steps(len(judge.train_labels), PRESETS[preset]["train"])  # the run train.py plans
     stops = [round(total * q) for q in (0.25, 0.5, 0.75, 1.0)]
     rows = {}
     for i, (name, flags) in enumerate(BASE_RUNS.items()):

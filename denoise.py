@@ -9,10 +9,11 @@
 Samplers: DDIM (default; deterministic with --eta 0) or DDPM (ancestral; --steps 1000 is the original
 chain); the number of steps, the guidance scale and the batch size follow the checkpoint's preset. Guidance
 follows diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain conditional sampling, s > 1
-trades diversity for fidelity to the label. By default (--guidance-interval auto) guidance acts only on
-the steps where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (0.28, 5.42], the interval of
-Kynkaanniemi et al. 2024: t = 82..578 for the default schedule. 'all' guides every step; FIRST,LAST picks
-the steps by hand. Several adapters stack (each with its own --lora-scale), as Stable Diffusion LoRAs do.
+trades diversity for fidelity to the label. Guidance acts on the preset's interval of steps: `auto`, the
+steps where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (0.28, 5.42] (Kynkaanniemi et al. 2024;
+t = 82..578 for the default schedule; the gpu preset), or 82,999 (the cpu preset, whose small model decides
+a digit at higher noise). --guidance-interval all guides every step; FIRST,LAST picks the steps by hand.
+Several adapters stack (each with its own --lora-scale), as Stable Diffusion LoRAs do.
 """
 import os
 import time

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the shipped files from scratch on a CPU (about 19 minutes on 2 cores):
+# Regenerates the shipped files from scratch on a CPU (about 15 minutes on 2 cores):
 # the cpu preset's model (fp16 averaged weights only) and one adapter per style, trained on that file.
 # The evaluation classifier (classifier.pt) is trained by `python evaluate.py --classifier PATH` when
 # PATH does not exist; it is kept as it is here, since every FID depends on it.

@@ -168,4 +168,7 @@ def test_the_lora_ablation_trains_and_scores_each_row(data_dir, tmp_path, monkey
     lora, dora = rows["| LoRA r=8 (preset)"], rows["| DoRA r=8 (`--variant dora`)"]
     assert int(dora[1].replace(",", "")) > int(lora[1].replace(",", ""))  # DoRA adds one magnitude per output
     assert torch.load(tmp_path / "work" / "bold-1.pt", weights_only=True)["config"]["variant"] == "dora"
-    assert "MiB" in lora[4] and lora[5].endswith("%") is False and "%" in lora[5]
+    assert lora[4].endswith("MiB") and lora[5].count("%") == 2  # peak memory; gap closed and accuracy
+    with pytest.raises(ValueError, match="lora_finetune.py .* failed: error: .*--rank"):  # a failed run: one line
+        ablate.main(["lora", "--base", base, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu",
+                     "--work", str(tmp_path / "work"), "--flags", "--rank 0", "--out", str(out)])
