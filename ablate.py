@@ -8,7 +8,8 @@ the only change), each in a process of its own so that its time and peak memory 
 like evaluate.py: the same seeds, the committed classifier, FID beside the real-data floor. `lora` adapts
 --base (default: the shipped model) for the preset's 500 steps; `base` trains four models and scores each
 at a quarter, half, three quarters and all of its run (--max-steps, then --resume: the same run as one
-uninterrupted). On a 2-core CPU: about 47 minutes for `lora`, 24 for `base`. Writes a markdown table (--out).
+uninterrupted). On a 2-core CPU: 47 minutes for `lora` (at the LoRA batch of 64 that the preset had
+then), 24 for `base`. Writes a markdown table (--out).
 """
 import argparse
 import os

@@ -62,10 +62,10 @@ PRESETS = {
     "gpu": dict(train=TrainConfig(), lora=LoraConfig(epochs=3, batch_size=512), sample=SampleConfig(),
                 expect=dict(train="; about 1 min on one H100", lora="")),
     "cpu": dict(train=TrainConfig(channels=(16, 32, 64), epochs=1, batch_size=32, lr=4e-3, warmup=50),
-                lora=LoraConfig(total_steps=500, batch_size=64, lr=4e-3),
+                lora=LoraConfig(total_steps=500, batch_size=32, lr=4e-3),
                 # The small model needs guidance on the noisiest steps too: from t = 82 (sigma 0.28) to the top.
                 sample=SampleConfig(steps=20, guidance=2.0, guidance_interval="82,999", batch_size=200),
-                expect=dict(train="; about 3 min on a 2-core CPU", lora="; about 1.5 min on a 2-core CPU")),
+                expect=dict(train="; about 3 min on a 2-core CPU", lora="; about 1 min on a 2-core CPU")),
 }
 
 
