@@ -138,10 +138,10 @@ def main(argv=None):
     model, diffusion, ckpt, _ = load_sampler(args.ckpt, device)
     lora_model, _, _, adapters = load_sampler(args.ckpt, device, loras=[args.lora])
     preset = PRESETS[ckpt.get("preset") or preset_for(device)]["sample"]
-    steps, guidance = preset.steps, preset.guidance if args.guidance is None else args.guidance
+    steps, eta, guidance = preset.steps, preset.eta, preset.guidance if args.guidance is None else args.guidance
     interval = parse_interval(args.guidance_interval or preset.guidance_interval)
     interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
-    report["sampling"] = dict(steps=steps, guidance=guidance)
+    report["sampling"] = dict(steps=steps, eta=eta, guidance=guidance)
     if max(steps for _, steps, _ in samplers) > diffusion.T:
         raise ValueError(f"--samplers: at most T = {diffusion.T} steps, got {args.samplers}")
     net = torch.compile(model, dynamic=False) if args.compile else model
@@ -166,18 +166,18 @@ def main(argv=None):
     os.makedirs(args.figures, exist_ok=True)
     report["guidance"], grids = [], {}
     for s in GUIDANCE:
-        row, images = run(f"s={s:g}", sampler="ddim", steps=steps, guidance=s)
+        row, images = run(f"s={s:g}", sampler="ddim", steps=steps, eta=eta, guidance=s)
         report["guidance"].append(row)
         grids[f"s={s:g}"] = images.view(10, args.per_digit, 28, 28)[:, 0]  # the first sample of each digit
     save_grid(os.path.join(args.figures, "guidance.png"), {"": torch.stack(list(grids.values()))}, list(grids),
-              [str(d) for d in range(10)], title=f"guidance scale s (DDIM-{steps}, guidance on t in "
+              [str(d) for d in range(10)], title=f"guidance scale s (DDIM-{steps}, eta {eta:g}, guidance on t in "
               f"{list(interval) if interval else 'all'}, same seed)")
     for s in GUIDANCE_EVERY_STEP:  # the same scales with guidance at every step: what the interval buys
-        report["guidance"].append(run(f"s={s:g}, every step", sampler="ddim", steps=steps, guidance=s,
+        report["guidance"].append(run(f"s={s:g}, every step", sampler="ddim", steps=steps, eta=eta, guidance=s,
                                       guidance_interval=None)[0])
     write()
 
-    default = dict(sampler="ddim", steps=steps, guidance=guidance)
+    default = dict(sampler="ddim", steps=steps, eta=eta, guidance=guidance)
     trainable = sum(t.numel() for t in adapters[0][0]["tensors"].values())
     base_row, _ = run("base", **default)
     lora_row, _ = run("LoRA unmerged", net=lora_model, **default)
@@ -196,7 +196,7 @@ def main(argv=None):
         write()
     for sampler, n_steps, per_digit in samplers:
         row, _ = run(f"{sampler.upper()}-{n_steps}", per_digit=per_digit or args.per_digit, sampler=sampler,
-                     steps=n_steps, guidance=guidance)
+                     steps=n_steps, eta=eta, guidance=guidance)
         report["samplers"].append(row)
         eager = [r for r in report["samplers"] if "compiled" not in r]
         save_steps_plot(os.path.join(args.figures, "steps.png"), eager)
@@ -262,10 +262,12 @@ def speed(args, device, steps=60, digits=100):
         labels = torch.arange(10, device=device).repeat_interleave(digits // 10)
         interval = resolve_interval(parse_interval(sample.guidance_interval), diffusion)  # the preset's
         with autocast(chosen):
-            generate(model, diffusion, labels, steps=2, guidance=sample.guidance, guidance_interval=interval)
+            generate(model, diffusion, labels, steps=2, eta=sample.eta, guidance=sample.guidance,
+                     guidance_interval=interval)
             sync(device)
             start = time.time()
-            generate(model, diffusion, labels, steps=sample.steps, guidance=sample.guidance, guidance_interval=interval)
+            generate(model, diffusion, labels, steps=sample.steps, eta=sample.eta, guidance=sample.guidance,
+                     guidance_interval=interval)
             sync(device)
         return digits / (time.time() - start)
 
@@ -278,7 +280,7 @@ def speed(args, device, steps=60, digits=100):
     lines = [f"# Speed: the {preset} preset's UNet ({','.join(map(str, train.channels))}), {hardware_name(device)}, "
              f"PyTorch {torch.__version__}\n",
              f"| setting | training step (batch {train.batch_size}) | sampling {digits} digits "
-             f"(DDIM-{sample.steps}, guidance {sample.guidance:g} on the interval) |", "|---|---|---|"]
+             f"({describe('ddim', sample.steps, sample.guidance, eta=sample.eta)} on the interval) |", "|---|---|---|"]
     lines += [f"| {name} | {t:,.0f} images/s | {s:,.1f} digits/s ({digits / s:.2f} s) |" for name, t, s in rows]
     lines += ["", f"Training step: {flop_per_image / 1e9:.3f} GFLOP per image (forward + backward, counted by "
                   f"torch.utils.flop_counter); speed-up of the scripts' setting over plain fp32: "
@@ -349,14 +351,16 @@ def to_markdown(r, args):
     interval = r.get("guidance_interval")
     on = f"t in [{interval[0]}, {interval[1]}]" if interval else "every step"
     sampling = r.get("sampling", {})
-    where = f"guidance {sampling.get('guidance', 0):g} on {on}"
+    noise = f"eta {sampling['eta']:g}, " if sampling.get("eta") else ""
+    where = f"{noise}guidance {sampling.get('guidance', 0):g} on {on}"
     out += ["Time: the timed run of all digits; warm-up: two 2-step runs before it, which hold the one-off costs "
             "(cuDNN's first calls, torch.compile's compilation).\n"]
     if r.get("samplers"):
         out += [f"## Samplers ({where}, batch {args.batch_size:,}{bf16})\n",
                 head[0].format("sampler"), head[1]] + [fmt(row) for row in r["samplers"]] + [""]
     if r.get("guidance"):
-        out += [f"## Guidance sweep (DDIM-{sampling['steps']}{bf16}; guidance on {on} unless the row says every step)\n",
+        out += [f"## Guidance sweep (DDIM-{sampling['steps']}, {noise}{'bf16 autocast, ' if bf16 else ''}guidance on {on} unless the row says "
+                "every step)\n",
                 head[0].format("guidance s"), head[1]]
         out += [fmt(row) for row in r["guidance"]] + [""]
     if "lora" in r:

@@ -2,7 +2,7 @@
 
     model, diffusion, ckpt, adapters = load_sampler("checkpoints/model.pt", device, loras=["checkpoints/lora.pt"])
     interval = resolve_interval("auto", diffusion)                     # (82, 578) for T = 1000
-    x = generate(model, diffusion, labels, steps=20, sampler="ddim", guidance=2.0, guidance_interval=interval)
+    x = generate(model, diffusion, labels, steps=20, sampler="ddim", eta=1.0, guidance=1.4, guidance_interval=interval)
 
 The samplers themselves are in diffusion.py; this file adds what a run needs around them: the model (its
 averaged weights, with any number of adapters stacked on it), the sampling settings of the checkpoint's
@@ -59,7 +59,7 @@ def add_sampling_flags(p):
     p.add_argument("--digits", default="0-9", help="which digits, e.g. 0-9, 3 or 1,4,7")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="reverse process")
     p.add_argument("--steps", type=positive_int, help="denoising steps, at most T (default: the preset's)")
-    p.add_argument("--eta", type=fraction, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
+    p.add_argument("--eta", type=fraction, help="DDIM noise: 0 deterministic, 1 like DDPM (default: the preset's)")
     p.add_argument("--guidance", type=nonnegative_float,
                    help="classifier-free guidance scale s: 1 = plain conditional, >1 = stronger (default: the preset's)")
     p.add_argument("--guidance-interval",
@@ -100,13 +100,14 @@ def sampling_settings(args, ckpt, diffusion, device):
     if not 1 <= config.steps <= diffusion.T:
         raise ValueError(f"--steps must be between 1 and T = {diffusion.T}, got {config.steps}")
     interval = resolve_interval(parse_interval(config.guidance_interval), diffusion)
-    return dict(steps=config.steps, sampler=args.sampler, eta=args.eta, guidance=config.guidance,
+    return dict(steps=config.steps, sampler=args.sampler, eta=config.eta, guidance=config.guidance,
                 guidance_interval=interval), config.batch_size
 
 
-def describe(sampler, steps, guidance, guidance_interval=None, **_):
-    """A short human name for a sampling setting, e.g. 'DDIM-50, guidance 1.5 on t in [82, 578]'."""
-    name = f"{sampler.upper()}-{steps}, guidance {guidance:g}"
+def describe(sampler, steps, guidance, guidance_interval=None, eta=None, **_):
+    """A short human name for a sampling setting, e.g. 'DDIM-20, eta 1, guidance 1.4 on t in [82, 999]'."""
+    noise = f"eta {eta:g}, " if sampler == "ddim" and eta else ""  # DDPM is always stochastic: no eta to name
+    name = f"{sampler.upper()}-{steps}, {noise}guidance {guidance:g}"
     if guidance != 1 and guidance_interval is not None:
         name += f" on t in [{guidance_interval[0]}, {guidance_interval[1]}]"
     return name

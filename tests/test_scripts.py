@@ -64,10 +64,12 @@ def test_presets_follow_the_device_and_the_checkpoint_and_flags_win(data_dir, tm
         capsys.readouterr()
         denoise.main(["--ckpt", str(tmp_path / f"{preset}.pt"), "--per-digit", "1", "--digits", "3", "--device", "cpu",
                       "--out", str(tmp_path / "s.png"), "--process", ""])
-        assert f"DDIM-{PRESETS[preset]['sample'].steps}," in capsys.readouterr().out
-    denoise.main(["--ckpt", str(tmp_path / "cpu.pt"), "--steps", "3", "--per-digit", "1", "--digits", "3",
-                  "--device", "cpu", "--out", str(tmp_path / "s.png"), "--process", ""])
-    assert "DDIM-3," in capsys.readouterr().out
+        sample, out = PRESETS[preset]["sample"], capsys.readouterr().out
+        assert f"DDIM-{sample.steps}, " + (f"eta {sample.eta:g}, " if sample.eta else "") + "guidance" in out
+    assert PRESETS["cpu"]["sample"].eta > 0  # so the flag below changes something
+    denoise.main(["--ckpt", str(tmp_path / "cpu.pt"), "--steps", "3", "--eta", "0", "--per-digit", "1", "--digits",
+                  "3", "--device", "cpu", "--out", str(tmp_path / "s.png"), "--process", ""])
+    assert "DDIM-3, guidance" in capsys.readouterr().out
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
@@ -343,7 +345,9 @@ def test_bench_writes_every_section(data_dir, tmp_path):
     names = [row["name"] for row in report["guidance"]]
     assert names == ["s=1", "s=1.5", "s=2", "s=3", "s=5", "s=1.5, every step", "s=2, every step"]
     assert report["guidance"][1]["guidance_interval"] == [82, 999]  # the cpu preset's interval, through JSON
-    assert report["sampling"] == dict(steps=PRESETS["cpu"]["sample"].steps, guidance=PRESETS["cpu"]["sample"].guidance)
+    cpu = PRESETS["cpu"]["sample"]
+    assert report["sampling"] == dict(steps=cpu.steps, eta=cpu.eta, guidance=cpu.guidance)
+    assert all(row["eta"] == cpu.eta for row in report["guidance"])  # the sweep samples as the preset does
     assert report["guidance"][-1]["guidance_interval"] is None
     assert [row["n"] for row in report["samplers"]] == [20, 10]
     for row in report["guidance"] + report["samplers"] + report["lora"]["rows"]:
