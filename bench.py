@@ -359,8 +359,9 @@ def to_markdown(r, args):
         out += [f"## Samplers ({where}, batch {args.batch_size:,}{bf16})\n",
                 head[0].format("sampler"), head[1]] + [fmt(row) for row in r["samplers"]] + [""]
     if r.get("guidance"):
-        out += [f"## Guidance sweep (DDIM-{sampling['steps']}, {noise}{'bf16 autocast, ' if bf16 else ''}guidance on {on} unless the row says "
-                "every step)\n",
+        autocast_note = "bf16 autocast, " if bf16 else ""
+        out += [f"## Guidance sweep (DDIM-{sampling['steps']}, {noise}{autocast_note}guidance on {on} unless the row "
+                "says every step)\n",
                 head[0].format("guidance s"), head[1]]
         out += [fmt(row) for row in r["guidance"]] + [""]
     if "lora" in r:
