@@ -1,8 +1,14 @@
 """MNIST as one tensor on the training device.
 
-torchvision's `MNIST` class reads the four uncompressed IDX files in `<data-dir>/MNIST/raw/`. The repo
-ships the `.gz` originals; `load_mnist` unpacks them once (a torchvision utility) and then keeps the whole
-split as a single tensor on the device:
+MNIST comes as four IDX files in `<data-dir>/MNIST/raw/` (torchvision's layout); the repo ships them
+gzipped. The format (LeCun's MNIST page) is small enough to read by hand, so no data library is needed:
+
+    bytes 0-3    magic number, big-endian: 2051 for images, 2049 for labels
+    bytes 4-7    N, the number of items
+    bytes 8-15   images only: rows and columns (28, 28)
+    then         N x 28 x 28 (or N) unsigned bytes: the pixels row by row, 0 = background (or the labels)
+
+`load_mnist` reads one split and keeps it as a single tensor on the device:
 
     images: [N, 1, 28, 28] float in [-1, 1]  (the diffusion model's pixel range; 0 is mid-grey)
     labels: [N] int64 in 0..9
@@ -10,53 +16,50 @@ split as a single tensor on the device:
 Batches are drawn by indexing that tensor with a shuffled permutation, so the training loop never touches
 PIL images, Python lists or a DataLoader worker: on a GPU an epoch is a few hundred index operations.
 """
+import gzip
 import os
 
 import torch
-from torchvision.datasets import MNIST
-from torchvision.datasets.utils import extract_archive
 
 
 IDX_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 
-def _unpack(raw_dir):
-    """Unpack `name.gz` to `name` next to it when only the compressed file is there.
-
-    torchvision's MNIST checks that all four files exist before it reads either split, so unpack all four.
-    """
-    for name in IDX_FILES[True] + IDX_FILES[False]:
-        path = os.path.join(raw_dir, name)
-        if os.path.exists(path):
-            continue
-        if not os.path.exists(path + ".gz"):
-            raise FileNotFoundError(
-                f"MNIST not found: expected {name} or {name}.gz in {raw_dir} "
-                "(torchvision's layout: <data-dir>/MNIST/raw/)")
-        try:
-            extract_archive(path + ".gz", raw_dir)
-        except (OSError, EOFError) as e:
-            raise ValueError(f"cannot unpack {path}.gz ({e}); the file may be corrupt")
+def read_idx(raw_dir, name, magic, item_shape):
+    """The items of IDX file `name` (or `name.gz`) in `raw_dir`, as a uint8 tensor [N, *item_shape]."""
+    path = os.path.join(raw_dir, name)
+    if not os.path.exists(path):
+        path += ".gz"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"MNIST not found: expected {name} or {name}.gz in {raw_dir} "
+                                "(torchvision's layout: <data-dir>/MNIST/raw/)")
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # not gzip, or cut short
+        raise ValueError(f"cannot read {path} ({e}); the file may be corrupt")
+    header = 4 * (2 + len(item_shape))  # magic, N, then one size per item dimension
+    found_magic, n, *found_shape = (int.from_bytes(data[i:i + 4], "big") for i in range(0, header, 4))
+    if (found_magic, tuple(found_shape)) != (magic, item_shape) or len(data) != header + n * item_shape.numel():
+        raise ValueError(f"{path} is not an MNIST IDX file of {tuple(item_shape)} items; the file may be corrupt")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(n, *item_shape)
 
 
 def load_mnist(data_dir="data", train=True, device="cpu"):
     """Return (images [N,1,28,28] in [-1,1], labels [N]) of one MNIST split, on `device`."""
     raw_dir = os.path.join(data_dir, "MNIST", "raw")
-    _unpack(raw_dir)
-    try:
-        ds = MNIST(data_dir, train=train, download=False)
-    except Exception as e:  # torchvision raises assorted errors on a truncated or foreign IDX file
-        raise ValueError(f"cannot read MNIST from {raw_dir}: {e}; the IDX files may be corrupt")
-    data, labels = ds.data, ds.targets  # uint8 [N,28,28], int64 [N]
-    if data.ndim != 3 or data.shape[1:] != (28, 28) or len(data) != len(labels) or len(data) == 0:
-        raise ValueError(f"MNIST in {raw_dir} has unexpected shapes: images {tuple(data.shape)}, "
-                        f"labels {tuple(labels.shape)}")
-    if labels.min() < 0 or labels.max() > 9:
+    image_file, label_file = IDX_FILES[train]
+    pixels = read_idx(raw_dir, image_file, IMAGE_MAGIC, torch.Size([28, 28]))  # uint8 [N,28,28]
+    labels = read_idx(raw_dir, label_file, LABEL_MAGIC, torch.Size([])).long()  # int64 [N]
+    if len(pixels) != len(labels) or len(pixels) == 0:
+        raise ValueError(f"MNIST in {raw_dir} has {len(pixels)} images and {len(labels)} labels")
+    if labels.max() > 9:
         raise ValueError(f"MNIST labels in {raw_dir} are outside 0..9; the label file may be corrupt")
-    images = from_uint8(data.to(device).unsqueeze(1))  # [N,1,28,28] in [-1,1]
+    images = from_uint8(pixels.to(device).unsqueeze(1))  # [N,1,28,28] in [-1,1]
     return images, labels.to(device)
 
 
@@ -87,14 +90,12 @@ def batches(images, labels, batch_size, generator=None, start=0):
 
 def write_idx(folder, images, labels, train=True):
     """Write uint8 images [N,28,28] and labels [N] as MNIST IDX files (used by tests to fake a data set)."""
-    import gzip
-
     os.makedirs(folder, exist_ok=True)
     image_name, label_name = IDX_FILES[train]
     n = len(images)
     with gzip.open(os.path.join(folder, image_name + ".gz"), "wb") as f:
-        f.write((2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+        f.write(IMAGE_MAGIC.to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
         f.write(images.to(torch.uint8).contiguous().numpy().tobytes())
     with gzip.open(os.path.join(folder, label_name + ".gz"), "wb") as f:
-        f.write((2049).to_bytes(4, "big") + n.to_bytes(4, "big"))
+        f.write(LABEL_MAGIC.to_bytes(4, "big") + n.to_bytes(4, "big"))
         f.write(labels.to(torch.uint8).contiguous().numpy().tobytes())
