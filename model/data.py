@@ -6,7 +6,7 @@ gzipped. The format (LeCun's MNIST page) is small enough to read by hand, so no 
     bytes 0-3    magic number, big-endian: 2051 for images, 2049 for labels
     bytes 4-7    N, the number of items
     bytes 8-15   images only: rows and columns (28, 28)
-    then         N x 28 x 28 (or N) unsigned bytes: the pixels row by row, 0 = background (or the labels)
+    then         N x 28 x 28 unsigned bytes, the pixels row by row (0 = background); or N labels, one byte each
 
 `load_mnist` reads one split and keeps it as a single tensor on the device:
 
