@@ -244,7 +244,7 @@ def speed(args, device, steps=60, digits=100):
 
         def step():
             with autocast(chosen):
-                loss = diffusion.loss(model, x, y, train.p_uncond, train.min_snr_gamma)
+                loss = diffusion.loss(model, x, y, train.p_uncond, train.min_snr_gamma, train.t_sampling)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

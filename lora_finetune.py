@@ -72,6 +72,8 @@ def main(argv=None):
     model, diffusion, base = load_model(args.base, device, weights="ema")
     base_fp = fingerprint(model)
     preset = base.get("preset") or preset_for(device)
+    # The adapter learns with its base's objective (a base too old to record one used the plain loss).
+    base_config = TrainConfig(**base["train"]) if "train" in base else TrainConfig(min_snr_gamma=0.0)
     saved = load_file(resume_path(args.out), RESUME_KIND, device) if args.resume else None
     if saved is not None:
         config = resumed_config(LoraConfig(**saved["config"]), args)
@@ -79,9 +81,8 @@ def main(argv=None):
             raise ValueError(f"--resume: {resume_path(args.out)} was trained on another base than {args.base}")
     else:
         config = with_flags(PRESETS[preset]["lora"], args)
-        base_gamma = TrainConfig(**base["train"]).min_snr_gamma if "train" in base else 0.0
         if config.min_snr_gamma is None:  # train on the objective the base was trained with
-            config = replace(config, min_snr_gamma=base_gamma)
+            config = replace(config, min_snr_gamma=base_config.min_snr_gamma)
     if config.variant == "dora" and config.dropout > 0:
         raise ValueError("--variant dora forms the adapted weight itself and takes no --dropout")
     seed_everything(config.seed)
@@ -132,7 +133,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses = fit(model, diffusion, images, labels, optimizer, ema, config, min_snr_gamma=config.min_snr_gamma,
-                 total_steps=total_steps, stop_at=stop_at, start_step=step, losses=losses, save=save, desc="lora")
+                 t_sampling=base_config.t_sampling, total_steps=total_steps, stop_at=stop_at, start_step=step, losses=losses, save=save, desc="lora")
     elapsed = time.time() - start
     print(f"fine-tuned {stop_at - step} steps in {elapsed:.1f} s")
     if device.type == "cuda":

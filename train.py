@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--T", type=positive_int, help="number of diffusion steps (default 1000)")
     p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet learns to predict: the noise eps "
                                                                 "(default) or the velocity v")
+    p.add_argument("--t-sampling", choices=("uniform", "logit-normal"),
+                   help="how training draws the step t: uniform (default) or logit-normal, the middle steps more often")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slower start)")
     return p.parse_args(argv)
 
@@ -98,7 +100,7 @@ def main(argv=None):
 
     forward = torch.compile(model, dynamic=False) if args.compile else model
     losses = fit(model, diffusion, images, labels, optimizer, ema, config, min_snr_gamma=config.min_snr_gamma,
-                 total_steps=total_steps, stop_at=stop_at, start_step=step, losses=losses, save=save,
+                 t_sampling=config.t_sampling, total_steps=total_steps, stop_at=stop_at, start_step=step, losses=losses, save=save,
                  forward=forward)
     if device.type == "cuda":
         torch.cuda.synchronize()

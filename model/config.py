@@ -25,6 +25,7 @@ class TrainConfig:
     ema_decay: float = 0.999          # cap on the EMA decay (ema.py)
     p_uncond: float = 0.1             # probability of the null label (classifier-free guidance)
     min_snr_gamma: float = 5.0        # Min-SNR-gamma loss weight; 0 = the plain DDPM loss
+    t_sampling: str = "uniform"       # how training draws t: uniform, or logit-normal (diffusion.py)
     prediction: str = "eps"           # what the UNet predicts: the noise eps, or the velocity v (diffusion.py)
     seed: int = 0
 

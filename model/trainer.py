@@ -81,11 +81,12 @@ def save_uninterrupted(save, *args):
         raise KeyboardInterrupt
 
 
-def fit(model, diffusion, images, labels, optimizer, ema, config, *, min_snr_gamma, total_steps, stop_at=None,
-        start_step=0, losses=None, save=None, forward=None, desc="train"):
+def fit(model, diffusion, images, labels, optimizer, ema, config, *, min_snr_gamma, t_sampling, total_steps,
+        stop_at=None, start_step=0, losses=None, save=None, forward=None, desc="train"):
     """Train from `start_step` to `stop_at` (default: `total_steps`). Returns the list of per-step losses.
 
-    `config` gives batch_size, lr, warmup, p_uncond and seed (a TrainConfig or LoraConfig). `save(step,
+    `config` gives batch_size, lr, warmup, p_uncond and seed (a TrainConfig or LoraConfig); `min_snr_gamma`
+    and `t_sampling` choose the objective (diffusion.py). `save(step,
     losses)` is called after every epoch, at the end and on Ctrl-C. `forward` is the callable that runs the
     network (e.g. a torch.compile'd wrapper of `model`); the default is `model` itself.
     """
@@ -108,7 +109,7 @@ def fit(model, diffusion, images, labels, optimizer, ema, config, *, min_snr_gam
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, config.lr, config.warmup, total_steps) * group.get("lr_scale", 1.0)
                 with autocast(device):
-                    loss = diffusion.loss(forward, x_0, y, config.p_uncond, min_snr_gamma)
+                    loss = diffusion.loss(forward, x_0, y, config.p_uncond, min_snr_gamma, t_sampling)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

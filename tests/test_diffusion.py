@@ -1,6 +1,7 @@
 """The schedule, the forward process and the reverse steps against their equations."""
 import math
 
+import pytest
 import torch
 
 from model.diffusion import Diffusion, guided_eps
@@ -130,6 +131,20 @@ def test_label_dropout_uses_the_null_label(tiny_model):
     d.loss(spy, torch.zeros(2000, 1, 28, 28), y, p_uncond=0.1)
     share = (seen[0] == 10).float().mean()
     assert 0.08 < share < 0.12 and set(seen[0].tolist()) == {0, 10}
+
+
+def test_logit_normal_t_draws_the_middle_steps_more_often():
+    d = Diffusion(T=1000)
+    torch.manual_seed(0)
+    uniform, logit_normal = d.draw_t(100_000, "cpu"), d.draw_t(100_000, "cpu", "logit-normal")
+    for t in (uniform, logit_normal):
+        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    share = lambda t, lo, hi: ((t >= lo) & (t < hi)).float().mean().item()
+    assert abs(share(uniform, 0, 100) - 0.10) < 0.005 and abs(share(uniform, 450, 550) - 0.10) < 0.005
+    assert abs(share(logit_normal, 0, 100) - 0.014) < 0.003 and abs(share(logit_normal, 900, 1000) - 0.014) < 0.003
+    assert abs(share(logit_normal, 450, 550) - 0.159) < 0.005  # density 1.6x uniform's at T/2
+    with pytest.raises(ValueError, match="logit-normal"):
+        d.draw_t(4, "cpu", "normal")
 
 
 def test_min_snr_weights_each_example_by_min_snr_gamma_over_snr():

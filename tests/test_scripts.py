@@ -368,23 +368,26 @@ def test_bench_speed_reports_both_settings_and_the_flop_rate(tmp_path, monkeypat
     assert result["flop_per_image"] > 1e6 and all(t > 0 and s > 0 for _, t, s in result["rows"])
 
 
-def test_training_wiring_the_ema_the_null_label_and_min_snr(data_dir, tmp_path, monkeypatch):
-    """Through train.py's real code path: the EMA moves, --p-uncond reaches the labels, --min-snr-gamma the loss."""
-    seen_labels, seen_gammas = [], []
+def test_training_wiring_the_ema_the_null_label_and_the_objective(data_dir, tmp_path, monkeypatch):
+    """Through train.py's real code path: the EMA moves, --p-uncond reaches the labels, --min-snr-gamma and
+    --t-sampling the loss; an adapter then trains with its base's objective."""
+    seen_labels, seen_gammas, seen_t_sampling = [], [], []
     real_forward, real_loss = UNet.forward, Diffusion.loss
 
     def forward_spy(self, x_t, t, y):
         seen_labels.append(y.clone())
         return real_forward(self, x_t, t, y)
 
-    def loss_spy(self, model, x_0, y, p_uncond=0.0, min_snr_gamma=None):
+    def loss_spy(self, model, x_0, y, p_uncond=0.0, min_snr_gamma=None, t_sampling="uniform"):
         seen_gammas.append(min_snr_gamma)
-        return real_loss(self, model, x_0, y, p_uncond, min_snr_gamma)
+        seen_t_sampling.append(t_sampling)
+        return real_loss(self, model, x_0, y, p_uncond, min_snr_gamma, t_sampling)
 
     monkeypatch.setattr(UNet, "forward", forward_spy)
     monkeypatch.setattr(Diffusion, "loss", loss_spy)
-    ckpt = _train(data_dir, tmp_path, "--max-steps", "3", "--p-uncond", "1", "--min-snr-gamma", "2.5")
-    assert seen_gammas == [2.5] * 3
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "3", "--p-uncond", "1", "--min-snr-gamma", "2.5",
+                  "--t-sampling", "logit-normal")
+    assert seen_gammas == [2.5] * 3 and seen_t_sampling == ["logit-normal"] * 3
     assert all((y == 10).all() for y in seen_labels)  # p_uncond = 1: every label is the null label
     saved = torch.load(ckpt, weights_only=True)
     torch.manual_seed(0)  # train.py's seed: the weights the run started from
@@ -392,6 +395,9 @@ def test_training_wiring_the_ema_the_null_label_and_min_snr(data_dir, tmp_path, 
     moved = [k for k in init if init[k].is_floating_point() and not torch.equal(saved["ema"][k], init[k])]
     assert moved, "the EMA never moved from the initial weights"
     assert any(not torch.equal(saved["ema"][k], saved["model"][k]) for k in moved)  # an average, not a copy
+    lora_finetune.main(["--base", ckpt, "--out", str(tmp_path / "lora.pt"), "--data-dir", data_dir, "--max-steps",
+                        "2", "--batch-size", "16", "--device", "cpu", "--figures", str(tmp_path / "fig")])
+    assert seen_gammas[3:] == [2.5] * 2 and seen_t_sampling[3:] == ["logit-normal"] * 2
 
 
 def test_the_adapter_file_holds_the_averaged_adapter(data_dir, tmp_path):
