@@ -133,7 +133,8 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses = fit(model, diffusion, images, labels, optimizer, ema, config, min_snr_gamma=config.min_snr_gamma,
-                 t_sampling=base_config.t_sampling, total_steps=total_steps, stop_at=stop_at, start_step=step, losses=losses, save=save, desc="lora")
+                 t_sampling=base_config.t_sampling, total_steps=total_steps, stop_at=stop_at, start_step=step,
+                 losses=losses, save=save, desc="lora")
     elapsed = time.time() - start
     print(f"fine-tuned {stop_at - step} steps in {elapsed:.1f} s")
     if device.type == "cuda":

@@ -86,9 +86,9 @@ def fit(model, diffusion, images, labels, optimizer, ema, config, *, min_snr_gam
     """Train from `start_step` to `stop_at` (default: `total_steps`). Returns the list of per-step losses.
 
     `config` gives batch_size, lr, warmup, p_uncond and seed (a TrainConfig or LoraConfig); `min_snr_gamma`
-    and `t_sampling` choose the objective (diffusion.py). `save(step,
-    losses)` is called after every epoch, at the end and on Ctrl-C. `forward` is the callable that runs the
-    network (e.g. a torch.compile'd wrapper of `model`); the default is `model` itself.
+    and `t_sampling` choose the objective (diffusion.py). `save(step, losses)` is called after every epoch,
+    at the end and on Ctrl-C. `forward` is the callable that runs the network (e.g. a torch.compile'd
+    wrapper of `model`); the default is `model` itself.
     """
     forward = forward or model
     stop_at = min(stop_at or total_steps, total_steps)
