@@ -100,8 +100,8 @@ def main(argv=None):
 
     forward = torch.compile(model, dynamic=False) if args.compile else model
     losses = fit(model, diffusion, images, labels, optimizer, ema, config, min_snr_gamma=config.min_snr_gamma,
-                 t_sampling=config.t_sampling, total_steps=total_steps, stop_at=stop_at, start_step=step, losses=losses, save=save,
-                 forward=forward)
+                 t_sampling=config.t_sampling, total_steps=total_steps, stop_at=stop_at, start_step=step,
+                 losses=losses, save=save, forward=forward)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.time() - start

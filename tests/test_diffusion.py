@@ -143,6 +143,16 @@ def test_logit_normal_t_draws_the_middle_steps_more_often():
     assert abs(share(uniform, 0, 100) - 0.10) < 0.005 and abs(share(uniform, 450, 550) - 0.10) < 0.005
     assert abs(share(logit_normal, 0, 100) - 0.014) < 0.003 and abs(share(logit_normal, 900, 1000) - 0.014) < 0.003
     assert abs(share(logit_normal, 450, 550) - 0.159) < 0.005  # density 1.6x uniform's at T/2
+    # The loss draws its t this way when asked: the same draws by hand give the same Min-SNR-weighted loss.
+    x_0, y = torch.rand(256, 1, 28, 28) * 2 - 1, torch.zeros(256, dtype=torch.long)
+    zero = lambda x_t, t, y: torch.zeros_like(x_t)  # predicts no noise: the error is eps itself
+    torch.manual_seed(0)
+    drawn = d.loss(zero, x_0, y, min_snr_gamma=5.0, t_sampling="logit-normal")
+    torch.manual_seed(0)
+    t = d.draw_t(256, "cpu", "logit-normal")
+    eps = torch.randn_like(x_0)
+    snr = d.alpha_bar[t] / (1 - d.alpha_bar[t])
+    assert torch.allclose(drawn, (eps.pow(2).mean(dim=(1, 2, 3)) * (snr.clamp(max=5.0) / snr).float()).mean())
     with pytest.raises(ValueError, match="logit-normal"):
         d.draw_t(4, "cpu", "normal")
 
