@@ -8,7 +8,7 @@
 
 Samplers: DDIM (default; deterministic with --eta 0, a fresh noise draw each step with --eta 1) or DDPM
 (ancestral; --steps 1000 is the original chain); the number of steps, eta, the guidance scale and the batch
-size follow the checkpoint's preset (the cpu preset: DDIM-20, eta 1, guidance 1.4). Guidance
+size follow the checkpoint's preset (the cpu preset: DDIM-20, eta 1, guidance 1.3). Guidance
 follows diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain conditional sampling, s > 1
 trades diversity for fidelity to the label. Guidance acts on the preset's interval of steps: `auto`, the
 steps where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (0.28, 5.42] (Kynkaanniemi et al. 2024;

@@ -97,7 +97,7 @@ def main(argv=None):
     ema = EMA(model, config.ema_decay)
     adapter_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(layers, config.lr, config.lr_ratio), weight_decay=0.0,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))
     step, losses, seconds = 0, [], 0.0
     if saved is not None:
         with torch.no_grad():

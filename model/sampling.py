@@ -2,7 +2,7 @@
 
     model, diffusion, ckpt, adapters = load_sampler("checkpoints/model.pt", device, loras=["checkpoints/lora.pt"])
     interval = resolve_interval("auto", diffusion)                     # (82, 578) for T = 1000
-    x = generate(model, diffusion, labels, steps=20, sampler="ddim", eta=1.0, guidance=1.4, guidance_interval=interval)
+    x = generate(model, diffusion, labels, steps=20, sampler="ddim", eta=1.0, guidance=1.3, guidance_interval=interval)
 
 The samplers themselves are in diffusion.py; this file adds what a run needs around them: the model (its
 averaged weights, with any number of adapters stacked on it), the sampling settings of the checkpoint's
@@ -105,7 +105,7 @@ def sampling_settings(args, ckpt, diffusion, device):
 
 
 def describe(sampler, steps, guidance, guidance_interval=None, eta=None, **_):
-    """A short human name for a sampling setting, e.g. 'DDIM-20, eta 1, guidance 1.4 on t in [82, 999]'."""
+    """A short human name for a sampling setting, e.g. 'DDIM-20, eta 1, guidance 1.3 on t in [82, 999]'."""
     noise = f"eta {eta:g}, " if sampler == "ddim" and eta else ""  # DDPM is always stochastic: no eta to name
     name = f"{sampler.upper()}-{steps}, {noise}guidance {guidance:g}"
     if guidance != 1 and guidance_interval is not None:

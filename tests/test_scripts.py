@@ -386,8 +386,8 @@ def test_training_wiring_the_ema_the_null_label_and_the_objective(data_dir, tmp_
     monkeypatch.setattr(UNet, "forward", forward_spy)
     monkeypatch.setattr(Diffusion, "loss", loss_spy)
     ckpt = _train(data_dir, tmp_path, "--max-steps", "3", "--p-uncond", "1", "--min-snr-gamma", "2.5",
-                  "--t-sampling", "logit-normal")
-    assert seen_gammas == [2.5] * 3 and seen_t_sampling == ["logit-normal"] * 3
+                  "--t-sampling", "uniform")  # the flag wins over the cpu preset's logit-normal draw
+    assert seen_gammas == [2.5] * 3 and seen_t_sampling == ["uniform"] * 3
     assert all((y == 10).all() for y in seen_labels)  # p_uncond = 1: every label is the null label
     saved = torch.load(ckpt, weights_only=True)
     torch.manual_seed(0)  # train.py's seed: the weights the run started from
@@ -397,7 +397,7 @@ def test_training_wiring_the_ema_the_null_label_and_the_objective(data_dir, tmp_
     assert any(not torch.equal(saved["ema"][k], saved["model"][k]) for k in moved)  # an average, not a copy
     lora_finetune.main(["--base", ckpt, "--out", str(tmp_path / "lora.pt"), "--data-dir", data_dir, "--max-steps",
                         "2", "--batch-size", "16", "--device", "cpu", "--figures", str(tmp_path / "fig")])
-    assert seen_gammas[3:] == [2.5] * 2 and seen_t_sampling[3:] == ["logit-normal"] * 2
+    assert seen_gammas[3:] == [2.5] * 2 and seen_t_sampling[3:] == ["uniform"] * 2
 
 
 def test_the_adapter_file_holds_the_averaged_adapter(data_dir, tmp_path):
