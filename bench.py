@@ -221,7 +221,7 @@ def speed(args, device, steps=60, digits=100):
     fp32 eager (contiguous tensors, no autocast), and the training step's FLOP rate."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.cli import prepare_model
+    from model.cli import fused_adamw, prepare_model
     from model.config import PRESETS, preset_for
     from model.diffusion import Diffusion
     from model.unet import DEFAULT_CONFIG, UNet
@@ -240,7 +240,7 @@ def speed(args, device, steps=60, digits=100):
 
     def train_rate(chosen):
         model = build(chosen)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=chosen and fused_adamw(device))
 
         def step():
             with autocast(chosen):

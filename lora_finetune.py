@@ -20,7 +20,7 @@ import torch
 
 from model.checkpoint import fingerprint, load_file, load_model, save_file
 from model.cli import (Parser, add_training_flags, below_one, check_new_output, check_writable, plan_run,
-                       pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
+                       fused_adamw, pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
 from model.config import PRESETS, LoraConfig, TrainConfig, preset_for, resumed_config, with_flags
 from model.data import load_mnist
 from model.ema import EMA
@@ -97,7 +97,7 @@ def main(argv=None):
     ema = EMA(model, config.ema_decay)
     adapter_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(layers, config.lr, config.lr_ratio), weight_decay=0.0,
-                                  fused=device.type in ("cuda", "cpu"))
+                                  fused=fused_adamw(device))
     step, losses, seconds = 0, [], 0.0
     if saved is not None:
         with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 
 from model.checkpoint import load_model, save_model
 from model.cli import (PRESET_HELP, Parser, add_training_flags, channel_list, check_new_output, plan_run,
-                       check_writable, pick_device, positive_int, prepare_model, run_cli, seed_everything)
+                       check_writable, fused_adamw, pick_device, positive_int, prepare_model, run_cli, seed_everything)
 from model.config import PRESETS, TrainConfig, preset_for, resumed_config, with_flags
 from model.data import load_mnist
 from model.diffusion import Diffusion
@@ -85,9 +85,7 @@ def main(argv=None):
     model = prepare_model(model, device)
 
     ema = EMA(model, config.ema_decay)
-    # fused: one kernel updates every tensor (CUDA and CPU), instead of a loop of small ones
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0,
-                                  fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, fused=fused_adamw(device))
     if saved is not None:
         ema.model.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])

@@ -81,6 +81,11 @@ def prepare_model(model, device):
     return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
 
 
+def fused_adamw(device):
+    """Whether AdamW runs fused here: one kernel updates every tensor, instead of a loop of small ones."""
+    return device.type in ("cuda", "cpu")
+
+
 def autocast(device):
     """bf16 autocast on CUDA (tensor cores, no loss scaling needed); a no-op elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
