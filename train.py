@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet learns to predict: the noise eps "
                                                                 "(default) or the velocity v")
     p.add_argument("--t-sampling", choices=("uniform", "logit-normal"),
-                   help="how training draws the step t: uniform (default) or logit-normal, the middle steps more often")
+                   help="how training draws the step t: uniform, or logit-normal, the middle steps more often "
+                        "(default: the preset's; logit-normal on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slower start)")
     return p.parse_args(argv)
 
@@ -70,7 +71,8 @@ def main(argv=None):
     images, labels = load_mnist(args.data_dir, train=True, device=device)
     total_steps, stop_at = plan_run(len(images), config, args.max_steps, saved and saved["step"])
     print(f"preset {preset}: UNet {','.join(map(str, config.channels))}, {total_steps:,} steps of {config.batch_size} "
-          f"images ({len(images):,} on {device}), lr {config.lr:g}, predicting {config.prediction}"
+          f"images ({len(images):,} on {device}), lr {config.lr:g}, t drawn {config.t_sampling}, "
+          f"predicting {config.prediction}"
           + PRESETS[preset]["expect"]["train"])
 
     if saved is None:
