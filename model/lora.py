@@ -16,6 +16,9 @@ Only A and B are trained; W0 and b stay frozen. Initialisation:
 The same idea on a k x k convolution (LoCon, note 002): A is a k x k conv from `in` to r channels and B a
 1 x 1 conv from r to `out`. A 1 x 1 conv mixes channels pixel by pixel, so B after A is one k x k conv
 whose kernel is dW[o, i] = sum_j B[o, j] A[j, i] -- again a rank-r update of W0, merged the same way.
+So the adapted conv runs as one conv with the kernel W0 + (alpha/r) dW, as microsoft/LoRA's ConvLoRA does:
+the same sum as three convs (W0, then A, then B), and cheaper, since a thin r-channel conv runs far below
+the speed of a wide one.
 
 Which layers (`targets`): `attn`, the cross-attention projections w_q, w_k, w_v through which the label
 acts; `conv`, the two 3 x 3 convolutions of every ResBlock, which draw the strokes. Any layer name
@@ -122,6 +125,13 @@ class LoraConv2d(LoraBase):
         super().__init__(base, r, alpha, dropout, (r, in_channels, kh, kw), (out_channels, r, 1, 1), rslora)
         conv = bottom(base)
         self.stride, self.padding = conv.stride, conv.padding
+        # One conv with W0 + dW needs a plain conv under it, and no dropout (which acts on the update's input alone).
+        self.one_conv = dropout == 0 and not isinstance(base, LoraBase)
+
+    def forward(self, x):
+        if self.one_conv and self.enabled and self.merged_scale is None and self.scale != 0:
+            return self.layer_with(x, self.weight + self.delta_weight())  # gradients reach A and B through dW
+        return super().forward(x)  # W0 x + b + s B A x, in three convs
 
     def layer_with(self, x, weight):
         return F.conv2d(x, weight, bottom(self).bias, self.stride, self.padding)

@@ -202,3 +202,33 @@ def test_two_adapters_stack_scale_and_unmerge_exactly(tmp_path):
             assert (m.weight - W0[n]).abs().max() < 1e-6, n
     set_lora(model, enabled=False)  # W0 is back up to rounding: so is the base model's output
     assert (run(model) - run(base)).abs().max() < 1e-5
+
+
+def test_conv_lora_runs_as_one_conv_with_the_gradients_of_three():
+    """The adapted conv is one conv with W0 + dW (lora.py); it must equal W0 x + b + s B A x in value and in the
+    gradients A and B receive, and a conv adapter stacked on another keeps both updates."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    layer = LoraConv2d(conv, r=2, alpha=3.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 6, 9, 9)
+    target = torch.randn(2, 5, 9, 9)
+    grads = []
+    for forward in (layer.forward, lambda x: LoraBase.forward(layer, x)):  # one conv; W0, A and B separately
+        layer.zero_grad()
+        out = forward(x)
+        (out * target).sum().backward()
+        grads.append((out.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    assert layer.one_conv and conv.weight.grad is None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer, "update", None)  # the one-conv path never runs the thin convs
+        assert torch.equal(layer(x), grads[0][0])
+    for one, three in zip(*grads):
+        assert (one - three).abs().max() < 1e-4 * three.abs().max()
+    top = LoraConv2d(layer, r=2)  # stacked: the top adds its update to what the adapter below computes
+    assert not top.one_conv
+    with torch.no_grad():
+        top.lora_B.normal_()
+    expected = conv(x) + layer.scaling * layer.update(x) + top.scaling * top.update(x)
+    assert (top(x) - expected).abs().max() < 1e-4
