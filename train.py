@@ -16,7 +16,8 @@ import torch
 
 from model.checkpoint import load_model, save_model
 from model.cli import (PRESET_HELP, Parser, add_training_flags, channel_list, check_new_output, plan_run,
-                       check_writable, fused_adamw, pick_device, positive_int, prepare_model, run_cli, seed_everything)
+                       check_writable, fused_adamw, level_list, pick_device, positive_int, prepare_model, run_cli,
+                       seed_everything)
 from model.config import PRESETS, TrainConfig, preset_for, resumed_config, with_flags
 from model.data import load_mnist
 from model.diffusion import Diffusion
@@ -31,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="checkpoints/model.pt", help="checkpoint to write (and to --resume)")
     add_training_flags(p, "the UNet")
     p.add_argument("--channels", type=channel_list, help="UNet widths at 28x28, 14x14 and 7x7, e.g. 16,32,64")
+    p.add_argument("--attn-levels", type=level_list,
+                   help="levels whose blocks read the label by cross-attention: 0 = 28x28, 1 = 14x14, 2 = 7x7, "
+                        "comma-separated, or none (the middle block always does; default: the preset's)")
     p.add_argument("--T", type=positive_int, help="number of diffusion steps (default 1000)")
     p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet learns to predict: the noise eps "
                                                                 "(default) or the velocity v")

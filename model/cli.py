@@ -139,6 +139,19 @@ def channel_list(text):
     return channels
 
 
+def level_list(text):
+    """argparse type: '1,2' -> (1, 2): UNet levels (0 = 28x28, 1 = 14x14, 2 = 7x7); 'none' -> () (the middle only)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        levels = tuple(sorted({int(c) for c in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected levels 0, 1, 2 separated by commas, or none; got {text!r}")
+    if any(level not in (0, 1, 2) for level in levels):
+        raise argparse.ArgumentTypeError(f"levels are 0 (28x28), 1 (14x14) and 2 (7x7); got {text}")
+    return levels
+
+
 def fraction(text):
     """argparse type: a number in [0, 1] (a probability, a decay, DDIM's eta)."""
     value = _number(text, float)

@@ -41,6 +41,16 @@ def test_train_writes_checkpoint_and_figures_and_resumes(data_dir, tmp_path):
     assert ckpt["step"] == 6 and len(ckpt["losses"]) == 6
 
 
+def test_attn_levels_flag_chooses_where_the_label_is_read(data_dir, tmp_path):
+    for flag, levels in (("none", ()), ("2,0", (0, 2))):
+        model, _, ckpt = load_model(_train(data_dir, tmp_path, "--max-steps", "1", "--attn-levels", flag, "--force"))
+        assert ckpt["config"]["attn_levels"] == levels and ckpt["train"]["attn_levels"] == levels
+        blocks = [(level, block) for level, block in enumerate(model.down)]
+        blocks += [(len(model.up) - 1 - i, block) for i, block in enumerate(model.up)]
+        assert all((block.attn is not None) == (level in levels) for level, block in blocks)
+        assert model.mid_attn is not None  # the middle always reads the label
+
+
 def test_presets_follow_the_device_and_the_checkpoint_and_flags_win(data_dir, tmp_path, capsys):
     common = ["--data-dir", data_dir, "--figures", str(tmp_path / "fig"), "--batch-size", "16", "--max-steps", "1",
               "--device", "cpu"]
@@ -283,6 +293,7 @@ def test_bad_values_are_refused_before_any_work(data_dir, tmp_path, capsys):
     _refused(train.main, ["--lr", "-1", *out], "--lr", capsys)
     _refused(train.main, ["--ema-decay", "1.5", *out], "--ema-decay", capsys)
     _refused(train.main, ["--p-uncond", "x", *out], "--p-uncond", capsys)
+    _refused(train.main, ["--attn-levels", "3", *out], "--attn-levels", capsys)
     _refused(lora_finetune.main, ["--base", ckpt, "--dropout", "2", *out], "--dropout", capsys)
     _refused(lora_finetune.main, ["--base", ckpt, "--lr-ratio", "0", *out], "--lr-ratio", capsys)
     _refused(lora_finetune.main, ["--base", ckpt, "--variant", "dora", "--dropout", "0.1", "--data-dir",
@@ -391,7 +402,7 @@ def test_training_wiring_the_ema_the_null_label_and_the_objective(data_dir, tmp_
     assert all((y == 10).all() for y in seen_labels)  # p_uncond = 1: every label is the null label
     saved = torch.load(ckpt, weights_only=True)
     torch.manual_seed(0)  # train.py's seed: the weights the run started from
-    init = UNet(**{**DEFAULT_CONFIG, "channels": (16, 32, 32)}).state_dict()
+    init = UNet(**saved["config"]).state_dict()
     moved = [k for k in init if init[k].is_floating_point() and not torch.equal(saved["ema"][k], init[k])]
     assert moved, "the EMA never moved from the initial weights"
     assert any(not torch.equal(saved["ema"][k], saved["model"][k]) for k in moved)  # an average, not a copy
