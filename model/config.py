@@ -65,7 +65,7 @@ PRESETS = {
                 expect=dict(train="; about 1 min on one H100", lora="")),
     # The small model trains for one epoch: the middle steps, where a digit takes shape, are drawn more often
     # (logit-normal t), and a longer warm-up steadies the first steps. It reads the label at 7x7 only: attention
-    # at 14x14 as well cost 10-20% of each step and bought nothing measurable over three seeds (docs/cpu.md).
+    # at 14x14 as well cost 7-15% of each step and bought nothing measurable over three seeds (docs/cpu.md).
     "cpu": dict(train=TrainConfig(channels=(16, 32, 64), attn_levels=(2,), epochs=1, batch_size=32, lr=4e-3,
                                   warmup=200, t_sampling="logit-normal"),
                 lora=LoraConfig(total_steps=500, batch_size=32, lr=4e-3),

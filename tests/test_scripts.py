@@ -17,7 +17,7 @@ from model.checkpoint import load_model
 from model import trainer
 from model.config import PRESETS
 from model.diffusion import Diffusion
-from model.unet import DEFAULT_CONFIG, UNet
+from model.unet import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSIFIER = os.path.join(ROOT, "pretrained", "classifier.pt")  # the committed one: the fake data is too small to train one

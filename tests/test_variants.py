@@ -7,8 +7,8 @@ import torch
 
 import lora_finetune
 import train
-from model.checkpoint import fingerprint, load_model
 from model.attention import CrossAttention
+from model.checkpoint import fingerprint, load_model
 from model.diffusion import Diffusion
 from model.lora import (DoraConv2d, DoraLayer, LoraLayer, inject_lora, load_lora, merge_lora, param_groups,
                         save_lora, set_lora, unmerge_lora)
