@@ -6,27 +6,30 @@
 Every row is a real run of lora_finetune.py or train.py at this machine's preset (the flags in the table are
 the only change), each in a process of its own so that its time and peak memory are its own, then scored
 like evaluate.py: the same seeds, the committed classifier, FID beside the real-data floor. `lora` adapts
---base (default: the shipped model) for the preset's 500 steps; `base` trains four models and scores each
+--base (default: the shipped model) for the preset's steps; `base` trains four models and scores each
 at a quarter, half, three quarters and all of its run (--max-steps, then --resume: the same run as one
-uninterrupted). On a 2-core CPU: 47 minutes for `lora` (at the LoRA batch of 64 that the preset had
-then), 24 for `base`. Writes a markdown table (--out).
+uninterrupted). Each takes tens of minutes on a 2-core CPU (docs/ablation-*.md say how long they took).
+Every run's flags are checked before the first one starts. Writes a markdown table (--out).
 """
 import argparse
+import io
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import redirect_stderr
 
 import torch
 
-from bench import hardware_name
-from model.cli import Parser, check_writable, pick_device, positive_int, run_cli
-from model.config import PRESETS, preset_for
-from model.lora import set_lora
-from model.metrics import Judge
-from model.sampling import SHIPPED_CHECKPOINT, describe, generate, load_sampler, sampling_settings
-from model.trainer import plan_steps
+import lora_finetune
+import train
+from harness.cli import Parser, check_writable, hardware_name, pick_device, positive_int, run_cli
+from harness.config import PRESETS, preset_for, with_flags
+from harness.metrics import Judge
+from harness.runs import plan_steps
+from harness.sampling import SHIPPED_CHECKPOINT, describe, digit_labels, generate, load_sampler, sampling_settings
+from model.adapters import set_lora
 
 # name -> the flags that differ from the preset (r = 8, alpha = 8, on attn,conv; 500 steps)
 LORA_RUNS = {
@@ -59,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/")
     p.add_argument("--classifier", default="pretrained/classifier.pt", help="evaluation classifier")
     p.add_argument("--flags", default="", help="extra flags for every run, before the row's own (e.g. "
-                                               "'--max-steps 100' for a quick look; the table then says so)")
+                                               "'--total-steps 100' for a quick look; the table then says so)")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
     return p.parse_args(argv)
 
@@ -145,7 +148,8 @@ def lora_study(args, device, judge, labels):
 
 def base_study(args, device, judge, labels):
     preset = preset_for(device)
-    total = plan_steps(len(judge.train_labels), PRESETS[preset]["train"])  # the run train.py plans
+    config = with_flags(PRESETS[preset]["train"], train.parse_args(args.flags.split()))
+    total = plan_steps(len(judge.train_labels), config)  # the run train.py plans
     stops = [round(total * q) for q in (0.25, 0.5, 0.75, 1.0)]
     rows = {}
     for i, (name, flags) in enumerate(BASE_RUNS.items()):
@@ -175,17 +179,38 @@ def base_study(args, device, judge, labels):
     return lines, notes, describe(**sampling)
 
 
+def check_runs(args):
+    """Every run's flags parse and agree, and none fights what the study sets itself, before the first run."""
+    own = dict(lora=("--base", "--out", "--style", "--force", "--resume"),
+               base=("--out", "--max-steps", "--resume", "--force"))[args.study]
+    clash = [f for f in args.flags.split() if f.split("=")[0] in own]
+    if clash:
+        hint = " (plan a shorter run with --total-steps)" if "--max-steps" in clash and args.study == "base" else ""
+        raise ValueError(f"--flags: the study sets {', '.join(clash)} itself{hint}")
+    script = lora_finetune if args.study == "lora" else train
+    for name, flags in (LORA_RUNS if args.study == "lora" else BASE_RUNS).items():
+        said = io.StringIO()
+        try:
+            with redirect_stderr(said):
+                parsed = script.parse_args([*args.flags.split(), *flags])
+        except SystemExit:
+            raise ValueError(f"--flags: the run '{name}' would fail: {said.getvalue().strip().removeprefix('error: ')}")
+        if args.study == "lora" and parsed.variant == "dora" and parsed.dropout:
+            raise ValueError(f"--flags: the run '{name}' takes no --dropout (DoRA forms the adapted weight itself)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = args.out or f"docs/ablation-{args.study}.md"
     check_writable(out)
+    check_runs(args)
     if args.study == "lora" and not os.path.isfile(args.base):
         raise FileNotFoundError(f"--base {args.base} not found (train.py writes one; the shipped one is "
                                 f"{SHIPPED_CHECKPOINT})")
     device = pick_device(args.device)
     os.makedirs(args.work, exist_ok=True)
     judge = Judge(args.classifier, args.data_dir, device)
-    labels = torch.arange(10, device=device).repeat_interleave(args.per_digit)
+    labels = digit_labels(range(10), args.per_digit, device)
     start = time.time()
     lines, notes, sampler = (lora_study if args.study == "lora" else base_study)(args, device, judge, labels)
     header = [f"# Ablation: {args.study}\n",

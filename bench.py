@@ -12,7 +12,6 @@ guidance scale and interval are the checkpoint's preset's unless --guidance / --
 """
 import json
 import os
-import platform
 import re
 import time
 
@@ -24,25 +23,34 @@ import torch  # noqa: E402
 
 import lora_finetune  # noqa: E402
 import train  # noqa: E402
-from model.cli import OUTPUTS, Parser, check_writable, nonnegative_float, pick_device, positive_int, run_cli  # noqa: E402
-from model.config import PRESETS, TrainConfig, preset_for  # noqa: E402
-from model.figures import save_grid  # noqa: E402
-from model.lora import merge_lora  # noqa: E402
-from model.metrics import FLOOR_DRAWS, Judge  # noqa: E402
-from model.sampling import describe, generate, load_sampler, parse_interval, resolve_interval  # noqa: E402
+from harness.cli import (OUTPUTS, Parser, check_new_output, check_writable, fused_adamw, hardware_name,  # noqa: E402
+                         pick_device, positive_int, prepare_model, run_cli)
+from harness.config import PRESETS, TrainConfig, preset_for  # noqa: E402
+from harness.figures import save_grid  # noqa: E402
+from harness.files import resume_path  # noqa: E402
+from harness.metrics import FLOOR_DRAWS, Judge  # noqa: E402
+from harness.sampling import (describe, digit_labels, generate, guidance_scale, load_sampler, parse_interval,  # noqa: E402
+                              resolve_interval)
+from model.adapters import merge_lora  # noqa: E402
+from model.diffusion import Diffusion  # noqa: E402
+from model.unet import UNet  # noqa: E402
 
 SAMPLERS = "ddim-50,ddim-20,ddim-10,ddim-100,ddpm-1000"
 GUIDANCE = [1.0, 1.5, 2.0, 3.0, 5.0]
 GUIDANCE_EVERY_STEP = [1.5, 2.0]
+BENCH_RUN = os.path.join(OUTPUTS, "bench-run")  # where bench.py trains its own model and adapter
 
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("--ckpt", default="checkpoints/model.pt", help="model checkpoint (trained unless --skip-train)")
-    p.add_argument("--lora", default="checkpoints/lora.pt", help="adapter file (trained unless --skip-train)")
+    p.add_argument("--ckpt", help=f"model checkpoint: trained to {BENCH_RUN}/model.pt unless --skip-train "
+                                  "(then default checkpoints/model.pt)")
+    p.add_argument("--lora", help=f"adapter file: trained to {BENCH_RUN}/lora.pt unless --skip-train "
+                                  "(then default checkpoints/lora.pt)")
     p.add_argument("--skip-train", action="store_true", help="measure existing checkpoints only")
+    p.add_argument("--force", action="store_true", help="let the training replace a --ckpt or --lora that exists")
     p.add_argument("--per-digit", type=positive_int, default=1000, help="samples per digit for every row")
-    p.add_argument("--guidance", type=nonnegative_float, help="guidance scale of the sampler rows (default: the preset's)")
+    p.add_argument("--guidance", type=guidance_scale, help="guidance scale of the sampler rows (default: the preset's)")
     p.add_argument("--guidance-interval",
                    help="steps where guidance acts in every row but the 'every step' ones: auto, all or FIRST,LAST "
                         "(default: the preset's)")
@@ -104,104 +112,126 @@ def main(argv=None):
         parse_interval(args.guidance_interval)  # bad values fail now, not after the training
     samplers = parse_samplers(args.samplers)
     device = pick_device(args.device)
-    hardware = hardware_name(device)
-    report = dict(hardware=hardware, torch=torch.__version__)
-    print(f"benchmark on {hardware}, PyTorch {torch.__version__}")
+    print(f"benchmark on {hardware_name(device)}, PyTorch {torch.__version__}")
     if args.speed:
         return speed(args, device)
     args.out = args.out or os.path.join(OUTPUTS, "benchmark.md")
     check_writable(args.out)  # a report that cannot be written fails now, not after the whole run
-    if not args.skip_train and max(steps for _, steps, _ in samplers) > TrainConfig.T:
-        raise ValueError(f"--samplers: at most T = {TrainConfig.T} steps, got {args.samplers}")
-
-    def write():
-        """Rewrite the report after every section, so that a long run that is stopped keeps what it has."""
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(to_markdown(report, args))
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(report, f, indent=1, default=float)
-
+    if args.skip_train:
+        args.ckpt, args.lora = args.ckpt or "checkpoints/model.pt", args.lora or "checkpoints/lora.pt"
+    else:  # bench's own files, unless named: a benchmark never replaces the user's models without --force
+        args.ckpt, args.lora = args.ckpt or os.path.join(BENCH_RUN, "model.pt"), args.lora or os.path.join(BENCH_RUN, "lora.pt")
+        check_new_output(False, args.force, args.ckpt, args.lora, resume_path(args.lora))
+        if max(steps for _, steps, _ in samplers) > TrainConfig.T:
+            raise ValueError(f"--samplers: at most T = {TrainConfig.T} steps, got {args.samplers}")
+    bench = Bench(args, device)
     if not args.skip_train:
-        start = time.time()
-        info = train.main(["--out", args.ckpt, "--force", "--figures", args.figures, "--data-dir", args.data_dir,
-                           *args.train_args.split()])
-        report["train"] = dict(info, wall=time.time() - start)
-        start = time.time()
-        info = lora_finetune.main(["--base", args.ckpt, "--out", args.lora, "--force", "--figures", args.figures,
-                                   "--data-dir", args.data_dir])
-        report["lora_train"] = dict(info, wall=time.time() - start)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:  # keep the training numbers early
-            json.dump(report, f, indent=1, default=float)
+        bench.train()
+    bench.load(samplers)
+    bench.guidance_sweep()
+    bench.lora()
+    bench.samplers(samplers)
+    print(to_markdown(bench.report, args))
 
-    # Both models and the settings are checked before the classifier and the first row spend any time.
-    model, diffusion, ckpt, _ = load_sampler(args.ckpt, device)
-    lora_model, _, _, adapters = load_sampler(args.ckpt, device, loras=[args.lora])
-    preset = PRESETS[ckpt.get("preset") or preset_for(device)]["sample"]
-    steps, eta, guidance = preset.steps, preset.eta, preset.guidance if args.guidance is None else args.guidance
-    interval = parse_interval(args.guidance_interval or preset.guidance_interval)
-    interval = report["guidance_interval"] = resolve_interval(interval, diffusion)
-    report["sampling"] = dict(steps=steps, eta=eta, guidance=guidance)
-    if max(steps for _, steps, _ in samplers) > diffusion.T:
-        raise ValueError(f"--samplers: at most T = {diffusion.T} steps, got {args.samplers}")
-    net = torch.compile(model, dynamic=False) if args.compile else model
-    report["params"] = sum(p.numel() for p in model.parameters())
-    start = time.time()
-    judge = Judge(args.classifier, args.data_dir, device)
-    report["classifier"] = dict(test_accuracy=judge.test_accuracy, fingerprint=judge.fingerprint,
-                                seconds=time.time() - start)
-    report["fid_floor"] = judge.floor(torch.arange(10, device=device).repeat_interleave(args.per_digit))
 
-    def run(name, net=net, per_digit=args.per_digit, guidance_interval=interval, **sampling):
-        labels = torch.arange(10, device=device).repeat_interleave(per_digit)
-        images, seconds, warmup = timed_generate(net, diffusion, labels, device, args.batch_size,
-                                                 guidance_interval=guidance_interval, **sampling)
-        row = dict(name=name, seconds=seconds, warmup_seconds=warmup, **judge(images, labels),
-                   guidance_interval=guidance_interval, **sampling)
-        print(f"{name} ({describe(guidance_interval=guidance_interval, **sampling)}): {seconds:.2f} s for "
+class Bench:
+    """The report, filled section by section and rewritten after each, so a stopped run keeps what it has."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.report = dict(hardware=hardware_name(device), torch=torch.__version__)
+
+    def write(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.args.out)), exist_ok=True)
+        with open(self.args.out, "w") as f:
+            f.write(to_markdown(self.report, self.args))
+        with open(os.path.splitext(self.args.out)[0] + ".json", "w") as f:
+            json.dump(self.report, f, indent=1, default=float)
+
+    def train(self):
+        a = self.args
+        start = time.time()
+        info = train.main(["--out", a.ckpt, "--force", "--figures", a.figures, "--data-dir", a.data_dir,
+                           *a.train_args.split()])
+        self.report["train"] = dict(info, wall=time.time() - start)
+        start = time.time()
+        info = lora_finetune.main(["--base", a.ckpt, "--out", a.lora, "--force", "--figures", a.figures,
+                                   "--data-dir", a.data_dir])
+        self.report["lora_train"] = dict(info, wall=time.time() - start)
+
+    def load(self, samplers):
+        """Both models and the settings, checked before the classifier and the first row spend any time."""
+        a, device, report = self.args, self.device, self.report
+        self.model, self.diffusion, ckpt, _ = load_sampler(a.ckpt, device)
+        self.lora_model, _, _, self.adapters = load_sampler(a.ckpt, device, loras=[a.lora])
+        preset = PRESETS[ckpt.get("preset") or preset_for(device)]["sample"]
+        guidance = preset.guidance if a.guidance is None else a.guidance
+        self.default = dict(sampler="ddim", steps=preset.steps, eta=preset.eta, guidance=guidance)
+        interval = parse_interval(a.guidance_interval or preset.guidance_interval)
+        self.interval = report["guidance_interval"] = resolve_interval(interval, self.diffusion)
+        report["sampling"] = dict(steps=preset.steps, eta=preset.eta, guidance=guidance)
+        if max(steps for _, steps, _ in samplers) > self.diffusion.T:
+            raise ValueError(f"--samplers: at most T = {self.diffusion.T} steps, got {a.samplers}")
+        self.net = torch.compile(self.model, dynamic=False) if a.compile else self.model
+        report["params"] = sum(p.numel() for p in self.model.parameters())
+        start = time.time()
+        self.judge = Judge(a.classifier, a.data_dir, device)
+        report["classifier"] = dict(test_accuracy=self.judge.test_accuracy, fingerprint=self.judge.fingerprint,
+                                    seconds=time.time() - start)
+        report["fid_floor"] = self.judge.floor(digit_labels(range(10), a.per_digit, device))
+
+    def run(self, name, net=None, per_digit=None, guidance_interval="preset", **sampling):
+        """One row: sample 10 x per_digit digits, time them, score them."""
+        interval = self.interval if guidance_interval == "preset" else guidance_interval
+        labels = digit_labels(range(10), per_digit or self.args.per_digit, self.device)
+        images, seconds, warmup = timed_generate(net or self.net, self.diffusion, labels, self.device,
+                                                 self.args.batch_size, guidance_interval=interval, **sampling)
+        row = dict(name=name, seconds=seconds, warmup_seconds=warmup, **self.judge(images, labels),
+                   guidance_interval=interval, **sampling)
+        print(f"{name} ({describe(guidance_interval=interval, **sampling)}): {seconds:.2f} s for "
               f"{len(labels):,} digits, accuracy {100 * row['accuracy']:.2f}%, "
               f"FID {row['fid']:.3f} (floor {row['fid_floor']:.3f})")
         return row, images
 
-    os.makedirs(args.figures, exist_ok=True)
-    report["guidance"], grids = [], {}
-    for s in GUIDANCE:
-        row, images = run(f"s={s:g}", sampler="ddim", steps=steps, eta=eta, guidance=s)
-        report["guidance"].append(row)
-        grids[f"s={s:g}"] = images.view(10, args.per_digit, 28, 28)[:, 0]  # the first sample of each digit
-    save_grid(os.path.join(args.figures, "guidance.png"), {"": torch.stack(list(grids.values()))}, list(grids),
-              [str(d) for d in range(10)], title=f"guidance scale s (DDIM-{steps}, eta {eta:g}, guidance on t in "
-              f"{list(interval) if interval else 'all'}, same seed)")
-    for s in GUIDANCE_EVERY_STEP:  # the same scales with guidance at every step: what the interval buys
-        report["guidance"].append(run(f"s={s:g}, every step", sampler="ddim", steps=steps, eta=eta, guidance=s,
-                                      guidance_interval=None)[0])
-    write()
+    def guidance_sweep(self):
+        a, rows, grids = self.args, [], {}
+        for s in GUIDANCE:
+            row, images = self.run(f"s={s:g}", **dict(self.default, guidance=s))
+            rows.append(row)
+            grids[f"s={s:g}"] = images.view(10, a.per_digit, 28, 28)[:, 0]  # the first sample of each digit
+        os.makedirs(a.figures, exist_ok=True)
+        d = self.default
+        save_grid(os.path.join(a.figures, "guidance.png"), {"": torch.stack(list(grids.values()))}, list(grids),
+                  [str(d) for d in range(10)], title=f"guidance scale s (DDIM-{d['steps']}, eta {d['eta']:g}, "
+                  f"guidance on t in {list(self.interval) if self.interval else 'all'}, same seed)")
+        for s in GUIDANCE_EVERY_STEP:  # the same scales with guidance at every step: what the interval buys
+            rows.append(self.run(f"s={s:g}, every step", guidance_interval=None, **dict(self.default, guidance=s))[0])
+        self.report["guidance"] = rows
+        self.write()
 
-    default = dict(sampler="ddim", steps=steps, eta=eta, guidance=guidance)
-    trainable = sum(t.numel() for t in adapters[0][0]["tensors"].values())
-    base_row, _ = run("base", **default)
-    lora_row, _ = run("LoRA unmerged", net=lora_model, **default)
-    merge_lora(lora_model)
-    merged_row, _ = run("LoRA merged", net=lora_model, **default)
-    report["lora"] = dict(adapter_params=trainable, base_params=report["params"],
-                          adapter_bytes=os.path.getsize(args.lora), base_bytes=os.path.getsize(args.ckpt),
-                          adapter_weight_bytes=4 * trainable, base_weight_bytes=4 * report["params"],
-                          rows=[base_row, lora_row, merged_row])
-    write()
+    def lora(self):
+        a, params = self.args, self.report["params"]
+        trainable = sum(t.numel() for t in self.adapters[0][0]["tensors"].values())
+        rows = [self.run("base", **self.default)[0], self.run("LoRA unmerged", net=self.lora_model, **self.default)[0]]
+        merge_lora(self.lora_model)
+        rows.append(self.run("LoRA merged", net=self.lora_model, **self.default)[0])
+        self.report["lora"] = dict(adapter_params=trainable, base_params=params, adapter_bytes=os.path.getsize(a.lora),
+                                   base_bytes=os.path.getsize(a.ckpt), adapter_weight_bytes=4 * trainable,
+                                   base_weight_bytes=4 * params, rows=rows)
+        self.write()
 
-    report["samplers"] = []
-    if device.type == "cuda" and not args.compile:  # one compiled row; its compile time is its warm-up
-        report["samplers"].append(dict(run(f"DDIM-{steps}, torch.compile", net=torch.compile(model, dynamic=False),
-                                           **default)[0], compiled=True))
-        write()
-    for sampler, n_steps, per_digit in samplers:
-        row, _ = run(f"{sampler.upper()}-{n_steps}", per_digit=per_digit or args.per_digit, sampler=sampler,
-                     steps=n_steps, eta=eta, guidance=guidance)
-        report["samplers"].append(row)
-        eager = [r for r in report["samplers"] if "compiled" not in r]
-        save_steps_plot(os.path.join(args.figures, "steps.png"), eager)
-        write()
-    print(to_markdown(report, args))
+    def samplers(self, samplers):
+        rows = self.report["samplers"] = []
+        if self.device.type == "cuda" and not self.args.compile:  # one compiled row; compiling is its warm-up
+            compiled = torch.compile(self.model, dynamic=False)
+            rows.append(dict(self.run(f"DDIM-{self.default['steps']}, torch.compile", net=compiled, **self.default)[0],
+                             compiled=True))
+            self.write()
+        for sampler, n_steps, per_digit in samplers:
+            rows.append(self.run(f"{sampler.upper()}-{n_steps}", per_digit=per_digit,
+                                 **dict(self.default, sampler=sampler, steps=n_steps))[0])
+            save_steps_plot(os.path.join(self.args.figures, "steps.png"), [r for r in rows if "compiled" not in r])
+            self.write()
 
 
 def cpu_peak():
@@ -216,70 +246,74 @@ def cpu_peak():
     return cores * ghz * 1e9 * per_cycle, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({isa})"
 
 
+def build(train_config, device, chosen):
+    """The preset's UNet, freshly seeded: as the scripts run it (`chosen`), or plain fp32 eager."""
+    torch.manual_seed(0)
+    model = UNet(channels=train_config.channels, attn_levels=train_config.attn_levels).to(device)
+    return prepare_model(model, device) if chosen else model
+
+
+def autocast_if(chosen, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=chosen and device.type == "cuda")
+
+
+def train_rate(config, diffusion, device, chosen, steps):
+    """Training images/s of `steps` steps after three of warm-up, on random images."""
+    model = build(config, device, chosen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=chosen and fused_adamw(device))
+    x = torch.rand(config.batch_size, 1, 28, 28, device=device) * 2 - 1
+    y = torch.randint(0, 10, (config.batch_size,), device=device)
+
+    def step():
+        with autocast_if(chosen, device):
+            loss = diffusion.loss(model, x, y, config.p_uncond, config.min_snr_gamma, config.t_sampling)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(3):
+        step()
+    sync(device)
+    start = time.time()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return config.batch_size * steps / (time.time() - start)
+
+
+def sample_rate(config, sample, diffusion, device, chosen, digits):
+    """Sampling digits/s with the preset's sampler, after a 2-step warm-up."""
+    model = build(config, device, chosen).eval()
+    labels = digit_labels(range(10), digits // 10, device)
+    settings = dict(eta=sample.eta, guidance=sample.guidance,
+                    guidance_interval=resolve_interval(parse_interval(sample.guidance_interval), diffusion))
+    with autocast_if(chosen, device):
+        generate(model, diffusion, labels, steps=2, **settings)
+        sync(device)
+        start = time.time()
+        generate(model, diffusion, labels, steps=sample.steps, **settings)
+        sync(device)
+    return digits / (time.time() - start)
+
+
 def speed(args, device, steps=60, digits=100):
     """Training images/s and sampling digits/s of the preset's model, the way the scripts run it and as plain
     fp32 eager (contiguous tensors, no autocast), and the training step's FLOP rate."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.cli import fused_adamw, prepare_model
-    from model.config import PRESETS, preset_for
-    from model.diffusion import Diffusion
-    from model.unet import DEFAULT_CONFIG, UNet
-
     preset = preset_for(device) if args.preset == "auto" else args.preset
-    train, sample = PRESETS[preset]["train"], PRESETS[preset]["sample"]
-    diffusion = Diffusion(train.T)
-    x = torch.rand(train.batch_size, 1, 28, 28, device=device) * 2 - 1
-    y = torch.randint(0, 10, (train.batch_size,), device=device)
-    autocast = lambda on: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on and device.type == "cuda")
-
-    def build(chosen):
-        torch.manual_seed(0)
-        model = UNet(**{**DEFAULT_CONFIG, "channels": train.channels, "attn_levels": train.attn_levels}).to(device)
-        return prepare_model(model, device) if chosen else model
-
-    def train_rate(chosen):
-        model = build(chosen)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=chosen and fused_adamw(device))
-
-        def step():
-            with autocast(chosen):
-                loss = diffusion.loss(model, x, y, train.p_uncond, train.min_snr_gamma, train.t_sampling)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        for _ in range(3):
-            step()
-        sync(device)
-        start = time.time()
-        for _ in range(steps):
-            step()
-        sync(device)
-        return train.batch_size * steps / (time.time() - start)
-
-    def sample_rate(chosen):
-        model = build(chosen).eval()
-        labels = torch.arange(10, device=device).repeat_interleave(digits // 10)
-        interval = resolve_interval(parse_interval(sample.guidance_interval), diffusion)  # the preset's
-        with autocast(chosen):
-            generate(model, diffusion, labels, steps=2, eta=sample.eta, guidance=sample.guidance,
-                     guidance_interval=interval)
-            sync(device)
-            start = time.time()
-            generate(model, diffusion, labels, steps=sample.steps, eta=sample.eta, guidance=sample.guidance,
-                     guidance_interval=interval)
-            sync(device)
-        return digits / (time.time() - start)
-
-    model = build(False)
+    config, sample = PRESETS[preset]["train"], PRESETS[preset]["sample"]
+    diffusion = Diffusion(config.T)
+    x = torch.rand(config.batch_size, 1, 28, 28, device=device) * 2 - 1
     with FlopCounterMode(display=False) as counter:
-        diffusion.loss(model, x, y, 0.0, train.min_snr_gamma).backward()
-    flop_per_image = counter.get_total_flops() / train.batch_size
-    rows = [("the scripts' setting", train_rate(True), sample_rate(True)),
-            ("plain fp32 eager", train_rate(False), sample_rate(False))]
-    lines = [f"# Speed: the {preset} preset's UNet ({','.join(map(str, train.channels))}), {hardware_name(device)}, "
+        diffusion.loss(build(config, device, False), x, torch.zeros(len(x), dtype=torch.long, device=device),
+                       0.0, config.min_snr_gamma).backward()
+    flop_per_image = counter.get_total_flops() / config.batch_size
+    rows = [(name, train_rate(config, diffusion, device, chosen, steps),
+             sample_rate(config, sample, diffusion, device, chosen, digits))
+            for name, chosen in (("the scripts' setting", True), ("plain fp32 eager", False))]
+    lines = [f"# Speed: the {preset} preset's UNet ({','.join(map(str, config.channels))}), {hardware_name(device)}, "
              f"PyTorch {torch.__version__}\n",
-             f"| setting | training step (batch {train.batch_size}) | sampling {digits} digits "
+             f"| setting | training step (batch {config.batch_size}) | sampling {digits} digits "
              f"({describe('ddim', sample.steps, sample.guidance, eta=sample.eta)} on the interval) |", "|---|---|---|"]
     lines += [f"| {name} | {t:,.0f} images/s | {s:,.1f} digits/s ({digits / s:.2f} s) |" for name, t, s in rows]
     lines += ["", f"Training step: {flop_per_image / 1e9:.3f} GFLOP per image (forward + backward, counted by "
@@ -297,12 +331,6 @@ def speed(args, device, steps=60, digits=100):
         with open(args.out, "w") as f:
             f.write(text)
     return dict(rows=rows, flop_per_image=flop_per_image)
-
-
-def hardware_name(device):
-    if device.type == "cuda":
-        return f"one {torch.cuda.get_device_name()}"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def save_steps_plot(path, rows):

@@ -7,34 +7,34 @@
     python denoise.py --export samples.npz --per-digit 1000  # for evaluate.py
 
 Samplers: DDIM (default; deterministic with --eta 0, a fresh noise draw each step with --eta 1) or DDPM
-(ancestral; --steps 1000 is the original chain); the number of steps, eta, the guidance scale and the batch
-size follow the checkpoint's preset (the cpu preset: DDIM-20, eta 1, guidance 1.3). Guidance
-follows diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain conditional sampling, s > 1
-trades diversity for fidelity to the label. Guidance acts on the preset's interval of steps: `auto`, the
-steps where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (0.28, 5.42] (Kynkaanniemi et al. 2024;
-t = 82..578 for the default schedule; the gpu preset), or 82,999 (the cpu preset, whose small model decides
-a digit at higher noise). --guidance-interval all guides every step; FIRST,LAST picks the steps by hand.
-Several adapters stack (each with its own --lora-scale), as Stable Diffusion LoRAs do.
+(ancestral; --steps 1000 is the original chain); the number of steps, eta, the guidance scale, the steps
+where guidance acts and the batch size follow the checkpoint's preset (listed below). Guidance follows
+diffusers: eps = eps_null + s (eps_y - eps_null); s = 1 is plain conditional sampling, s > 1 trades
+diversity for fidelity to the label. --guidance-interval auto guides the steps whose noise level
+sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in the interval of Kynkaanniemi et al. (2024);
+all guides every step; FIRST,LAST picks the steps by hand. Several adapters stack (each with its own
+--lora-scale), as Stable Diffusion LoRAs do.
 """
 import os
 import time
 
-import numpy as np
 import torch
 
-from model.cli import OUTPUTS, Parser, autocast, check_writable, parse_digits, pick_device, positive_int, run_cli
+from harness.cli import OUTPUTS, Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
+from harness.figures import save_grid, save_strip_gif
+from harness.files import save_npz
+from harness.sampling import (add_sampling_flags, adapter_name, default_checkpoint, describe, digit_labels, generate,
+                              load_sampler, lora_scales, parse_interval, presets_text, sampling_settings)
+from model.adapters import lora_layers, set_lora
 from model.data import to_uint8
-from model.figures import save_grid, save_strip_gif
-from model.lora import lora_layers, set_lora
-from model.sampling import (add_sampling_flags, adapter_name, default_checkpoint, describe, generate, load_sampler,
-                            lora_scales, parse_interval, sampling_settings)
+from model.training import autocast
 
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # rows of the --sweep figure; past 1 the style is exaggerated
 GIF_FRAMES = 16                                   # scale 0 -> 1.5 in the --sweep animation
 
 
 def parse_args(argv=None):
-    p = Parser(__doc__)
+    p = Parser(__doc__ + presets_text())
     add_sampling_flags(p)
     p.add_argument("--merge", action="store_true",
                    help="fold the adapters into the weights before sampling (same images, base model's speed)")
@@ -58,16 +58,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_png(path, flag):
-    if not path.lower().endswith(".png"):
-        raise ValueError(f"{flag} writes a PNG image: give a path ending in .png, got {path!r}")
-    check_writable(path)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    digits = parse_digits(args.digits)
-    scales = lora_scales(args)
+def check_flags(args):
+    """Everything that can be checked before a model is loaded."""
     if (args.merge or args.compare or args.sweep) and not args.lora:
         raise ValueError("--merge, --compare and --sweep need an adapter: add --lora PATH")
     if args.merge and (args.compare or args.sweep):
@@ -75,69 +67,68 @@ def main(argv=None):
     if args.export and not args.export.endswith(".npz"):
         raise ValueError(f"--export writes a NumPy .npz file; got {args.export}")
     if args.guidance_interval is not None:
-        parse_interval(args.guidance_interval)  # a bad value fails now, before the model is loaded
-    device = pick_device(args.device)
+        parse_interval(args.guidance_interval)
 
+
+def output_paths(args, tag):
+    """{what: path} of the files this run writes, each checked to be writable before any sampling."""
+    figure = lambda name: os.path.join(args.figures, name)
+    paths = dict(out=args.out if args.out is not None else figure(f"samples{'_' + tag if tag else ''}.png"),
+                 process=("" if tag else figure("denoise_process.png")) if args.process is None else args.process,
+                 compare=figure(f"compare_{tag}.png") if args.compare else "",
+                 sweep=figure(f"sweep_{tag}.png") if args.sweep else "", export=args.export or "")
+    for what, path in paths.items():
+        if path and what != "export" and not path.lower().endswith(".png"):
+            raise ValueError(f"--{what} writes a PNG image: give a path ending in .png, got {path!r}")
+        if path:
+            check_writable(path)
+    return paths
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    labels_wanted = (parse_digits(args.digits), args.per_digit)
+    scales = lora_scales(args)
+    device = pick_device(args.device)
     model, diffusion, ckpt, adapters = load_sampler(default_checkpoint(args.ckpt), device, args.weights,
                                                     args.lora, scales, merge=args.merge)
     sampling, batch_size = sampling_settings(args, ckpt, diffusion, device)
     tag = adapter_name(adapters)
-    figure = lambda name: os.path.join(args.figures, name)
-    out = args.out if args.out is not None else figure(f"samples{'_' + tag if tag else ''}.png")
-    process = ("" if tag else figure("denoise_process.png")) if args.process is None else args.process
-    compare_out, sweep_out = figure(f"compare_{tag}.png"), figure(f"sweep_{tag}.png")
-    for path, flag, wanted in [(out, "--out", True), (process, "--process", process), (compare_out, "--compare", args.compare),
-                               (sweep_out, "--sweep", args.sweep)]:
-        if wanted:
-            check_png(path, flag)
-    if args.export:
-        check_writable(args.export)
-    labels = torch.tensor(digits, device=device).repeat_interleave(args.per_digit)  # [D * per_digit]
+    paths = output_paths(args, tag)
+    digits, labels = labels_wanted[0], digit_labels(*labels_wanted, device)  # [D * per_digit]
+    name = describe(**sampling) + "".join(
+        f", LoRA {a['config'].get('style', 'lora')} x{s:g}" for (a, _), s in zip(adapters, scales))
+    name += " merged" if args.merge else ""
 
     def draw(net, y=labels):
         return generate(net, diffusion, y, seed=args.seed, batch_size=batch_size, **sampling)
 
-    name = describe(**sampling)
-    if adapters:
-        name += ", LoRA " + " + ".join(f"{a['config'].get('style', 'lora')} x{s:g}" for (a, _), s in zip(adapters, scales))
-        name += " merged" if args.merge else ""
-    net = torch.compile(model, dynamic=False) if args.compile else model
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.time()
-    x = draw(net)  # [N, 1, 28, 28] in [-1, 1]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.time() - start
-    print(f"sampled {len(x):,} digits ({name}) in {seconds:.2f} s on {device}")
-
     def grid(images):  # [N, 1, 28, 28] -> [D, up to max_grid, 28, 28] uint8 on the host
         return to_uint8(images).view(len(digits), args.per_digit, 28, 28)[:, :args.max_grid].cpu()
 
+    start = time.time()
+    x = draw(torch.compile(model, dynamic=False) if args.compile else model)  # [N, 1, 28, 28] in [-1, 1]
+    seconds = time.time() - start  # the samples are on the host now, so a GPU has finished too
+    print(f"sampled {len(x):,} digits ({name}) in {seconds:.2f} s on {device}")
+    rows = [str(d) for d in digits]
+    save_grid(paths["out"], {"": grid(x)}, rows, title=name)
     images = to_uint8(x[:, 0]).cpu()  # [N, 28, 28], 0 = black background
-    row_labels = [str(d) for d in digits]
-    save_grid(out, {"": grid(x)}, row_labels, title=name)
-    print(f"wrote {out}")
-    merged = any(layer.merged_scale is not None for layer in lora_layers(model))
-    result = dict(seconds=seconds, images=images, labels=labels.cpu(), merged=merged)
+    result = dict(seconds=seconds, images=images, labels=labels.cpu(),
+                  merged=any(layer.merged_scale is not None for layer in lora_layers(model)))
     if args.compare:  # the same seed with every adapter switched off: the difference is LoRA alone
         set_lora(model, enabled=False)
         off = draw(model)
-        result["off"] = to_uint8(off[:, 0]).cpu()
         set_lora(model, enabled=True)
-        save_grid(compare_out, {"LoRA off": grid(off), f"LoRA on ({tag})": grid(x)}, row_labels,
-                  title=f"same seed, {name}")
-        print(f"wrote {compare_out}")
+        result["off"] = to_uint8(off[:, 0]).cpu()
+        save_grid(paths["compare"], {"LoRA off": grid(off), f"LoRA on ({tag})": grid(x)}, rows, title=f"same seed, {name}")
     if args.sweep:
-        save_sweep(sweep_out, model, draw, digits, tag, name)
-        print(f"wrote {sweep_out} and {sweep_out[:-4]}.gif")
-    if process:
-        save_process(process, model, diffusion, digits, args.seed, name, **sampling)
-        print(f"wrote {process}")
+        save_sweep(paths["sweep"], model, draw, digits, tag, name)
+    if paths["process"]:
+        save_process(paths["process"], model, diffusion, digits, args.seed, name, **sampling)
     if args.export:
-        np.savez_compressed(args.export, images=images.numpy(), labels=labels.cpu().numpy())
-        print(f"wrote {len(images):,} samples to {args.export}")
+        save_npz(args.export, images=images.numpy(), labels=labels.cpu().numpy())
+    print("wrote " + ", ".join(p for p in paths.values() if p) + (" (and the .gif)" if args.sweep else ""))
     return result
 
 

@@ -19,12 +19,12 @@ import os
 import numpy as np
 import torch
 
-from model.cli import Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
+from harness.cli import Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
+from harness.metrics import Judge
+from harness.sampling import (add_sampling_flags, default_checkpoint, describe, digit_labels, generate, load_sampler,
+                              lora_scales, parse_interval, presets_text, sampling_settings)
+from model.adapters import set_lora
 from model.data import from_uint8
-from model.lora import set_lora
-from model.metrics import Judge
-from model.sampling import (add_sampling_flags, default_checkpoint, describe, generate, load_sampler,
-                            lora_scales, parse_interval, sampling_settings)
 
 CLASSIFIER = "pretrained/classifier.pt"
 
@@ -57,7 +57,7 @@ def format_style_report(r, title):
 
 
 def parse_args(argv=None):
-    p = Parser(__doc__)
+    p = Parser(__doc__ + presets_text())
     add_sampling_flags(p)
     p.add_argument("--samples", metavar="FILE.npz", help="score samples written by denoise.py --export instead")
     p.add_argument("--per-digit", type=positive_int, default=1000, help="samples per digit")
@@ -94,29 +94,15 @@ def main(argv=None):
         check_writable(args.classifier)  # it will be trained and cached there: fail now, not after training
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    style, off = "none", None
     if args.samples:
         images, labels = load_samples(args.samples, device)
-        title = f"{len(images):,} samples from {args.samples}"
+        draw = lambda: (images, labels, "none", None, f"{len(images):,} samples from {args.samples}")
     else:
-        ckpt = default_checkpoint(args.ckpt)
-        model, diffusion, checkpoint, adapters = load_sampler(ckpt, device, loras=args.lora, scales=scales)
-        sampling, batch_size = sampling_settings(args, checkpoint, diffusion, device)
-        labels = torch.tensor(parse_digits(args.digits), device=device).repeat_interleave(args.per_digit)
-        if len(labels) < 2:
-            raise ValueError(f"FID needs at least 2 samples, got {len(labels)}")
-        draw = lambda: generate(model, diffusion, labels, seed=args.seed, batch_size=batch_size, **sampling)
-        images = draw()
-        styles = {a["config"].get("style", "none") for a, _ in adapters}
-        if len(styles) == 1 and "none" not in styles:  # one style: score it against real digits of that style
-            style = styles.pop()
-            set_lora(model, enabled=False)
-            off = draw()  # the same seeds without the adapter
-        source = ckpt + "".join(f" + {path}" for path in args.lora)
-        title = f"{len(images):,} samples from {source} ({describe(**sampling)})"
+        draw = sampler(args, scales, device)  # the model and its settings, checked
+    judge = Judge(args.classifier, args.data_dir, device)  # the classifier and the data, before any sampling
+    images, labels, style, off, title = draw()
     if len(images) < 2:
         raise ValueError(f"FID needs at least 2 samples, got {len(images)}")
-    judge = Judge(args.classifier, args.data_dir, device)
     result = judge.style_report(style, off, images, labels) if off is not None else judge(images, labels)
     result["classifier_test_accuracy"], result["classifier_fingerprint"] = judge.test_accuracy, judge.fingerprint
     if args.json:
@@ -125,6 +111,29 @@ def main(argv=None):
         print(f"classifier: {100 * judge.test_accuracy:.2f}% on MNIST test (weights {judge.fingerprint})")
         print(format_style_report(result, title) if off is not None else format_report(result, title))
     return result
+
+
+def sampler(args, scales, device):
+    """Load the model and check the settings; returns a function that draws the digits to score (with one
+    style adapter, the same seeds with LoRA off too): (images, labels, style, LoRA-off images or None, title)."""
+    ckpt = default_checkpoint(args.ckpt)
+    model, diffusion, checkpoint, adapters = load_sampler(ckpt, device, loras=args.lora, scales=scales)
+    sampling, batch_size = sampling_settings(args, checkpoint, diffusion, device)
+    labels = digit_labels(parse_digits(args.digits), args.per_digit, device)
+    if len(labels) < 2:
+        raise ValueError(f"FID needs at least 2 samples, got {len(labels)}")
+    styles = {a["config"].get("style", "none") for a, _ in adapters}
+    style = styles.pop() if len(styles) == 1 else "none"  # one style: scored against real digits of that style
+    title = f"{len(labels):,} samples from {ckpt}{''.join(f' + {p}' for p in args.lora)} ({describe(**sampling)})"
+
+    def draw():
+        images = generate(model, diffusion, labels, seed=args.seed, batch_size=batch_size, **sampling)
+        off = None
+        if style != "none":
+            set_lora(model, enabled=False)
+            off = generate(model, diffusion, labels, seed=args.seed, batch_size=batch_size, **sampling)  # same seeds
+        return images, labels, style, off, title
+    return draw
 
 
 if __name__ == "__main__":

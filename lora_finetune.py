@@ -6,85 +6,113 @@
     python lora_finetune.py --variant dora            # or --rslora, or --lr-ratio 16 (LoRA+)
 
 Loads the base model (its averaged weights, the ones we sample with), wraps the layers named by --targets
-in LoRA layers (model/lora.py: `attn` = the cross-attention w_q, w_k, w_v; `conv` = the ResBlock convs),
-freezes everything else and trains only the adapter on MNIST redrawn in --style (model/styles.py), with the
-objective the base was trained with. The output file holds only the adapter: its tensors (averaged, as for
-the base), its config (rank, alpha, targets, style) and the base model's fingerprint. What --resume needs
-(the live tensors, the optimizer, the random state) goes to a file beside it (lora.pt -> lora.resume.pt).
+in LoRA layers (model/adapters.py: `attn` = the cross-attention w_q, w_k, w_v; `conv` = the ResBlock convs),
+freezes everything else and runs the training step of train.py over the adapter alone, on MNIST redrawn in
+--style (model/styles.py), with the objective the base was trained with. The output file holds only the
+adapter: its tensors (averaged, as for the base), its config (rank, alpha, targets, style) and the base
+model's fingerprint. What --resume needs (the live tensors, the optimizer, the random state) goes to a file
+beside it (lora.pt -> lora.pt.resume), written together with it.
 """
+import argparse
 import os
 import time
 from dataclasses import asdict, replace
 
 import torch
 
-from model.checkpoint import fingerprint, load_file, load_model, save_file
-from model.cli import (Parser, add_training_flags, below_one, check_new_output, check_writable, plan_run,
-                       fused_adamw, pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
-from model.config import PRESETS, LoraConfig, TrainConfig, preset_for, resumed_config, with_flags
-from model.data import load_mnist
+from harness.cli import (Parser, add_training_flags, below_one, check_new_output, check_writable, fused_adamw,
+                         pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
+from harness.config import PRESETS, LoraConfig, TrainConfig, preset_for, preset_named, resumed_config, with_flags
+from harness.figures import save_loss_curve
+from harness.files import (ADAPTER_KIND, RESUME_KIND, adapter_file, checksum, fingerprint, load_file, load_model, resume_path,
+                           write_files)
+from harness.runs import Run, plan_run, restore, training_state
+from model.adapters import TARGET_GROUPS, VARIANTS, inject_lora, param_groups
+from model.data import batches, load_mnist
 from model.ema import EMA
-from model.figures import save_loss_curve
-from model.lora import TARGET_GROUPS, VARIANTS, inject_lora, param_groups, parameter_report, save_lora
 from model.styles import STYLE_NAMES, apply_style
-from model.trainer import fit, rng_state, set_rng_state
+from model.training import lr_at, train_step
 
-RESUME_KIND = "lora-resume"
+MAX_ALPHA = 1e4  # alpha / rank scales the update; far past this the adapter's gradients vanish or explode
 
 
 def parse_args(argv=None):
+    default = PRESETS["cpu"]["lora"]
     p = Parser(__doc__)
     p.add_argument("--base", default="checkpoints/model.pt", help="trained model checkpoint (train.py --out)")
     p.add_argument("--out", default="checkpoints/lora.pt", help="adapter file to write (and to --resume)")
-    p.add_argument("--style", choices=STYLE_NAMES, help="what the adapter learns (default: the preset's, bold)")
-    p.add_argument("--variant", choices=tuple(VARIANTS), help="lora (default), or dora: a learned magnitude per output")
-    p.add_argument("--rank", type=positive_int, help="LoRA rank r (default: the preset's, 8)")
-    p.add_argument("--alpha", type=positive_float, help="LoRA alpha; the update is scaled by alpha / r (default 8)")
-    p.add_argument("--rslora", action="store_const", const=True, help="scale the update by alpha / sqrt(r) (rsLoRA)")
+    p.add_argument("--style", choices=STYLE_NAMES, help=f"what the adapter learns (default: the preset's, {default.style})")
+    p.add_argument("--variant", choices=tuple(VARIANTS), help="lora, or dora: a learned magnitude per output "
+                                                              f"(default: the preset's, {default.variant})")
+    p.add_argument("--rank", type=positive_int, help=f"LoRA rank (default: the preset's, {default.rank})")
+    p.add_argument("--alpha", type=alpha_value, help="LoRA alpha; the update is scaled by alpha / rank "
+                                                     f"(default: the preset's, {default.alpha:g})")
+    p.add_argument("--rslora", action="store_const", const=True, help="scale the update by alpha / sqrt(rank) (rsLoRA)")
     p.add_argument("--lr-ratio", type=positive_float,
                    help="LoRA+: B's learning rate = this times A's (--lr); default 1, plain LoRA")
     p.add_argument("--dropout", type=below_one, help="dropout on the adapter's input (default 0)")
     p.add_argument("--targets", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
-                   help=f"layers to adapt: groups ({', '.join(TARGET_GROUPS)}) or layer names, comma-separated "
-                        "(default: the preset's, attn,conv)")
+                   help=f"layers to adapt: groups ({', '.join(TARGET_GROUPS)}) or layer names such as stem, "
+                        f"comma-separated (default: the preset's, {','.join(default.targets)})")
     add_training_flags(p, "the adapter")
     return p.parse_args(argv)
 
 
-def resume_path(out):
-    return os.path.splitext(out)[0] + ".resume.pt"
+def alpha_value(text):
+    """argparse type: LoRA's alpha, a number above 0 and at most MAX_ALPHA."""
+    value = positive_float(text)
+    if value > MAX_ALPHA:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_ALPHA:g} (alpha / rank scales the update), got {text}")
+    return value
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if os.path.abspath(args.out) == os.path.abspath(args.base):
-        raise ValueError("--out is the base checkpoint: the adapter would replace the model it adapts; "
-                        "choose another --out")
-    check_new_output(args.out, args.resume, args.force)
+def check_paths(args):
+    """Refuse, before any work, an --out that would replace the base, another run's files, or a resume file
+    that does not belong to the adapter beside it."""
+    if not args.targets and args.targets is not None:
+        raise ValueError(f"--targets is empty: name groups ({', '.join(TARGET_GROUPS)}) or layers such as stem")
+    base = os.path.abspath(args.base)
+    if base in (os.path.abspath(args.out), os.path.abspath(resume_path(args.out))):
+        raise ValueError("--out would write over the base checkpoint it adapts; choose another --out")
+    check_new_output(args.resume, args.force, args.out, resume_path(args.out))
     if args.resume and not os.path.isfile(resume_path(args.out)):
         raise FileNotFoundError(f"--resume: {resume_path(args.out)} not found; it is written beside an adapter that "
                                 "lora_finetune.py trains (shipped adapters have none): start a new run with --force "
                                 "or another --out")
-    check_writable(resume_path(args.out))
     check_writable(os.path.join(args.figures, "loss_lora.png"))
-    device = pick_device(args.device)
 
-    model, diffusion, base = load_model(args.base, device, weights="ema")
-    base_fp = fingerprint(model)
-    preset = base.get("preset") or preset_for(device)
-    # The adapter learns with its base's objective (a base too old to record one used the plain loss).
-    base_config = TrainConfig(**base["train"]) if "train" in base else TrainConfig(min_snr_gamma=0.0)
-    saved = load_file(resume_path(args.out), RESUME_KIND, device) if args.resume else None
+
+def resolve_config(args, base, saved, base_fp, preset):
+    """The LoraConfig of this run: the saved run's on --resume, else the base's preset's; flags win."""
     if saved is not None:
-        config = resumed_config(LoraConfig(**saved["config"]), args)
         if saved["base_fingerprint"] != base_fp:
             raise ValueError(f"--resume: {resume_path(args.out)} was trained on another base than {args.base}")
-    else:
-        config = with_flags(PRESETS[preset]["lora"], args)
-        if config.min_snr_gamma is None:  # train on the objective the base was trained with
-            config = replace(config, min_snr_gamma=base_config.min_snr_gamma)
+        if saved.get("adapter_checksum") not in (None, load_file(args.out, ADAPTER_KIND)["checksum"]):
+            raise ValueError(f"--resume: {args.out} and {resume_path(args.out)} are from different saves; "
+                             "start over with --force")
+        return resumed_config(LoraConfig(**saved["config"]), args)
+    config = with_flags(preset_named(preset)["lora"], args)
+    if config.min_snr_gamma is None:  # train on the objective the base was trained with
+        config = replace(config, min_snr_gamma=base_train(base).min_snr_gamma)
     if config.variant == "dora" and config.dropout > 0:
         raise ValueError("--variant dora forms the adapted weight itself and takes no --dropout")
+    return config
+
+
+def base_train(base):
+    """The base's TrainConfig (a base too old to record one used the plain loss and uniform t)."""
+    return TrainConfig(**base["train"]) if "train" in base else TrainConfig(min_snr_gamma=0.0)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_paths(args)
+    device = pick_device(args.device)
+    model, diffusion, base = load_model(args.base, device, weights="ema")
+    base_fp = fingerprint(model)
+    saved = load_file(resume_path(args.out), RESUME_KIND, device) if args.resume else None
+    preset = base.get("preset") or preset_for(device)
+    config = resolve_config(args, base, saved, base_fp, preset)
     seed_everything(config.seed)
 
     images, labels = load_mnist(args.data_dir, train=True, device=device)
@@ -95,62 +123,61 @@ def main(argv=None):
     layers = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout, config.variant,
                          config.rslora)
     ema = EMA(model, config.ema_decay)
-    adapter_params = [p for p in model.parameters() if p.requires_grad]
+    live, averaged = adapter_parameters(model, ema)
     optimizer = torch.optim.AdamW(param_groups(layers, config.lr, config.lr_ratio), weight_decay=0.0,
                                   fused=fused_adamw(device))
-    step, losses, seconds = 0, [], 0.0
+    first, losses, seconds = 0, [], 0.0
     if saved is not None:
         with torch.no_grad():
-            for p, t in zip(adapter_params, saved["live"]):
+            for p, t in zip(live + averaged, saved["live"] + saved["ema"]):
                 p.copy_(t)
-            for p, t in zip(ema_params(ema, model), saved["ema"]):
-                p.copy_(t)
-        optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"], device)
-        step, losses, seconds = saved["step"], saved["losses"], saved["seconds"]
-        print(f"resuming {args.out} at step {step}")
-
-    trainable, total = parameter_report(model)
-    variant = config.variant + (" (rsLoRA scaling)" if config.rslora else "") + \
-        (f" (LoRA+, lr ratio {config.lr_ratio:g})" if config.lr_ratio != 1 else "")
-    print(f"preset {preset}: {variant} r={config.rank} alpha={config.alpha:g} on {','.join(config.targets)} "
+        first, losses, seconds = restore(saved, optimizer, device)
+        print(f"resuming {args.out} at step {first}")
+    trainable, total = sum(p.numel() for p in live), sum(p.numel() for p in model.parameters())
+    print(f"preset {preset}: {describe(config)} on {','.join(config.targets)} "
           f"({len(layers)} layers), style {config.style}, {total_steps:,} steps of {config.batch_size} images, "
-          f"Min-SNR-gamma {config.min_snr_gamma:g}" + PRESETS[preset]["expect"]["lora"])
+          f"Min-SNR-gamma {config.min_snr_gamma:g}")
     print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     ema_layers = {path: ema.model.get_submodule(path) for path in layers}
-    adapter_config = dict(asdict(config), r=config.rank, targets=list(config.targets))
+
+    def save(at_step, at_losses, at_seconds):
+        # The shared file holds the averaged adapter only; beside it, everything --resume needs. Both at once.
+        adapter = adapter_file(ema_layers, asdict(config), base_fp, at_step)
+        state = dict(kind=RESUME_KIND, config=asdict(config), base_fingerprint=base_fp, adapter_checksum=checksum(adapter),
+                     live=[p.detach() for p in live], ema=[p.detach() for p in averaged],
+                     optimizer=optimizer.state_dict(), **training_state(at_step, at_losses, at_seconds, device))
+        write_files((adapter, args.out), (state, resume_path(args.out)))
+
+    # The loop of train.py, over the adapter's parameters alone: the base is frozen.
+    objective = dict(p_uncond=config.p_uncond, min_snr_gamma=config.min_snr_gamma,
+                     t_sampling=base_train(base).t_sampling)
+    run = Run(save, first, stop_at, total_steps, len(images) // config.batch_size, losses, seconds, desc="lora")
     start = time.time()
-
-    def save(at_step, at_losses):
-        # The shared file: the averaged adapter only. Beside it, everything --resume needs.
-        save_lora(args.out, ema_layers, adapter_config, base_fp, at_step)
-        save_file(dict(kind=RESUME_KIND, config=asdict(config), base_fingerprint=base_fp, step=at_step,
-                       live=[p.detach() for p in adapter_params], ema=[p.detach() for p in ema_params(ema, model)],
-                       optimizer=optimizer.state_dict(), losses=list(at_losses),
-                       seconds=seconds + time.time() - start, rng=rng_state(device)), resume_path(args.out))
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    losses = fit(model, diffusion, images, labels, optimizer, ema, config, min_snr_gamma=config.min_snr_gamma,
-                 t_sampling=base_config.t_sampling, total_steps=total_steps, stop_at=stop_at, start_step=step,
-                 losses=losses, save=save, desc="lora")
+    for step, (x_0, y) in run.steps(batches(images, labels, config.batch_size, config.seed, start=first)):
+        lr = lr_at(step, config.lr, config.warmup, total_steps)
+        run.record(train_step(model, diffusion, optimizer, ema, x_0, y, step, lr, **objective))
     elapsed = time.time() - start
-    print(f"fine-tuned {stop_at - step} steps in {elapsed:.1f} s")
-    if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")
+    print(f"fine-tuned {stop_at - first} steps in {elapsed:.1f} s")
     base_size, lora_size = os.path.getsize(args.base), os.path.getsize(args.out)
     print(f"adapter: {args.out} {lora_size / 1024:,.0f} KiB ({trainable:,} numbers); base checkpoint: {args.base} "
           f"{base_size / 2**20:,.1f} MiB; resume state: {resume_path(args.out)}")
-    if losses:
-        save_loss_curve(os.path.join(args.figures, "loss_lora.png"), losses, title=f"LoRA fine-tuning loss ({config.style})")
-        print(f"wrote {os.path.join(args.figures, 'loss_lora.png')}")
+    save_loss_curve(os.path.join(args.figures, "loss_lora.png"), run.losses,
+                    title=f"LoRA fine-tuning loss ({config.style})")
+    print(f"wrote {os.path.join(args.figures, 'loss_lora.png')}")
     return dict(seconds=elapsed, trainable=trainable, total=total, lora_bytes=lora_size, base_bytes=base_size)
 
 
-def ema_params(ema, model):
-    """The averaged copies of the model's trainable (adapter) parameters, in the same order."""
-    return [q for p, q in zip(model.parameters(), ema.model.parameters()) if p.requires_grad]
+def adapter_parameters(model, ema):
+    """The adapter's live parameters and their averaged copies in the EMA model, in the same order."""
+    pairs = [(p, q) for p, q in zip(model.parameters(), ema.model.parameters()) if p.requires_grad]
+    return [p for p, _ in pairs], [q for _, q in pairs]
+
+
+def describe(config):
+    """'lora rank 8 alpha 8', with rsLoRA and LoRA+ named when they are on."""
+    return (f"{config.variant} rank {config.rank} alpha {config.alpha:g}" + (" (rsLoRA scaling)" if config.rslora else "")
+            + (f" (LoRA+, lr ratio {config.lr_ratio:g})" if config.lr_ratio != 1 else ""))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,18 @@
-"""mnist-lora-diffusion: a conditional diffusion model and a hand-written LoRA, in miniature.
+"""mnist-lora-diffusion, the lesson: a conditional diffusion model and a hand-written LoRA, in miniature.
 
-Read the package as a tutorial, one chapter per file:
+Read it in this order, one chapter per file:
 
-    data.py        MNIST as one tensor on the device
-    unet.py        the noise-prediction network (a small UNet)
-    attention.py   cross-attention from pixels to the digit label
+    data.py        MNIST through torchvision, as one tensor on the device; shuffled batches
+    diffusion.py   the noise schedule, the forward process, the loss, the samplers (DDPM, DDIM), guidance
+    attention.py   cross-attention from pixels to the digit label: the label's way in
     norm.py        GroupNorm kept in bf16 under autocast (a faster sampler)
-    diffusion.py   the noise schedule, the training loss and the samplers (DDPM, DDIM, guidance)
-    ema.py         an exponential moving average of the weights
-    config.py      every setting of a run in a dataclass, and the cpu and gpu presets
-    trainer.py     the training loop shared by train.py and lora_finetune.py
-    styles.py      the styles a LoRA adapter learns (bold, italic, inverted) and their metrics
-    lora.py        low-rank adaptation of linear and conv layers (LoRA, LoCon), stacking, merging
-    checkpoint.py  saving and loading models and adapters
-    sampling.py    drawing digits from a checkpoint: seeded batches, bf16, the default guidance interval
-    metrics.py     class accuracy and FID, the classifier they use, and the real-data floor
-    figures.py     digit grids and loss curves
-    cli.py         what the scripts share: devices, seeds and one-line errors
+    unet.py        the noise-prediction network eps_theta(x_t, t, y), a small UNet
+    ema.py         an exponential moving average of the weights, which samples
+    training.py    one training step: loss, backward, clip, optimizer step, EMA
+    styles.py      the styles a LoRA adapter learns: bold, italic, inverted
+    lora.py        low-rank adaptation of a linear or conv layer (LoRA, LoCon, rsLoRA)
+    dora.py        DoRA: a learned magnitude beside LoRA's direction
+    adapters.py    adapters put into a model: targets, on/off, blending, stacking, merging, LoRA+
+
+Nothing here imports the harness (harness/: presets, command line, files, metrics, figures).
 """

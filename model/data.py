@@ -1,14 +1,9 @@
 """MNIST as one tensor on the training device.
 
-MNIST comes as four IDX files in `<data-dir>/MNIST/raw/` (torchvision's layout); the repo ships them
-gzipped. The format (LeCun's MNIST page) is small enough to read by hand, so no data library is needed:
-
-    bytes 0-3    magic number, big-endian: 2051 for images, 2049 for labels
-    bytes 4-7    N, the number of items
-    bytes 8-15   images only: rows and columns (28, 28)
-    then         N x 28 x 28 unsigned bytes, the pixels row by row (0 = background); or N labels, one byte each
-
-`load_mnist` reads one split and keeps it as a single tensor on the device:
+torchvision's `MNIST` reads the four IDX files of LeCun's MNIST page from `<data-dir>/MNIST/raw/`. The
+repo ships them gzipped; torchvision reads them unpacked (with `download=True` it would check them
+against its own copies' checksums and go to the network), so `unpack` gunzips each once beside its
+`.gz` (git ignores the unpacked copies). `load_mnist` then keeps one split as a single tensor:
 
     images: [N, 1, 28, 28] float in [-1, 1]  (the diffusion model's pixel range; 0 is mid-grey)
     labels: [N] int64 in 0..9
@@ -18,47 +13,47 @@ PIL images, Python lists or a DataLoader worker: on a GPU an epoch is a few hund
 """
 import gzip
 import os
+import shutil
 
 import torch
+from torchvision.datasets import MNIST
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
 
 
-IDX_FILES = {
-    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
-
-
-def read_idx(raw_dir, name, magic, item_shape):
-    """The items of IDX file `name` (or `name.gz`) in `raw_dir`, as a uint8 tensor [N, *item_shape]."""
-    path = os.path.join(raw_dir, name)
-    if not os.path.exists(path):
-        path += ".gz"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"MNIST not found: expected {name} or {name}.gz in {raw_dir} "
-                                "(torchvision's layout: <data-dir>/MNIST/raw/)")
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:  # not gzip, or cut short
-        raise ValueError(f"cannot read {path} ({e}); the file may be corrupt")
-    header = 4 * (2 + len(item_shape))  # magic, N, then one size per item dimension
-    found_magic, n, *found_shape = (int.from_bytes(data[i:i + 4], "big") for i in range(0, header, 4))
-    if (found_magic, tuple(found_shape)) != (magic, item_shape) or len(data) != header + n * item_shape.numel():
-        raise ValueError(f"{path} is not an MNIST IDX file of {tuple(item_shape)} items; the file may be corrupt")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(n, *item_shape)
+def unpack(raw_dir):
+    """Gunzip each `name.gz` in `raw_dir` to `name` unless `name` is there already."""
+    for name in IDX_FILES:
+        path = os.path.join(raw_dir, name)
+        if os.path.exists(path):
+            continue
+        if not os.path.exists(path + ".gz"):
+            raise FileNotFoundError(f"MNIST not found: expected {name}.gz (or {name}) in {raw_dir} "
+                                    "(torchvision's layout: <data-dir>/MNIST/raw/)")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with gzip.open(path + ".gz", "rb") as packed, open(tmp, "wb") as out:
+                shutil.copyfileobj(packed, out)
+            os.replace(tmp, path)  # never a half-written file under the name torchvision reads
+        except (OSError, EOFError) as e:  # not gzip, cut short, or a folder we cannot write
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise ValueError(f"cannot unpack {path}.gz ({e}); the file may be corrupt, or the folder read-only")
 
 
 def load_mnist(data_dir="data", train=True, device="cpu"):
     """Return (images [N,1,28,28] in [-1,1], labels [N]) of one MNIST split, on `device`."""
     raw_dir = os.path.join(data_dir, "MNIST", "raw")
-    image_file, label_file = IDX_FILES[train]
-    pixels = read_idx(raw_dir, image_file, IMAGE_MAGIC, torch.Size([28, 28]))  # uint8 [N,28,28]
-    labels = read_idx(raw_dir, label_file, LABEL_MAGIC, torch.Size([])).long()  # int64 [N]
-    if len(pixels) != len(labels) or len(pixels) == 0:
-        raise ValueError(f"MNIST in {raw_dir} has {len(pixels)} images and {len(labels)} labels")
-    if labels.max() > 9:
-        raise ValueError(f"MNIST labels in {raw_dir} are outside 0..9; the label file may be corrupt")
+    unpack(raw_dir)
+    try:
+        mnist = MNIST(data_dir, train=train, download=False)
+    except Exception as e:  # torchvision checks the IDX header: a damaged file fails here
+        raise ValueError(f"cannot read MNIST in {raw_dir} ({e}); a file may be corrupt: delete the unpacked "
+                         "files there to unpack the .gz again")
+    pixels, labels = mnist.data, mnist.targets  # uint8 [N,28,28], int64 [N]
+    if len(pixels) != len(labels) or len(pixels) == 0 or pixels.shape[1:] != (28, 28) or labels.max() > 9:
+        raise ValueError(f"MNIST in {raw_dir} is not 28x28 digits with labels 0-9; a file may be corrupt")
     images = from_uint8(pixels.to(device).unsqueeze(1))  # [N,1,28,28] in [-1,1]
     return images, labels.to(device)
 
@@ -73,29 +68,22 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def batches(images, labels, batch_size, generator=None, start=0):
-    """Yield shuffled (x_0, y) batches covering one epoch, from batch number `start` on.
+def batches(images, labels, batch_size, seed=0, start=0):
+    """Shuffled (x_0, y) batches of `batch_size`, epoch after epoch, without end, from step `start` on.
 
-    The last, smaller batch is dropped.
-
-    Dropping it keeps every step the same shape (no recompilation under torch.compile) and costs at most
+    Epoch e is shuffled by a generator seeded with (seed, e), so the batches from step k on are the same
+    whether the run started at 0 or was stopped at k and resumed. The last, smaller batch of an epoch is
+    dropped: every step has the same shape (no recompilation under torch.compile), at the cost of at most
     one batch of an epoch's worth of data.
     """
-    n = len(images)
-    perm = torch.randperm(n, device=images.device, generator=generator)
-    for i in range(start * batch_size, n - batch_size + 1, batch_size):
-        idx = perm[i:i + batch_size]
-        yield images[idx], labels[idx]
-
-
-def write_idx(folder, images, labels, train=True):
-    """Write uint8 images [N,28,28] and labels [N] as MNIST IDX files (used by tests to fake a data set)."""
-    os.makedirs(folder, exist_ok=True)
-    image_name, label_name = IDX_FILES[train]
-    n = len(images)
-    with gzip.open(os.path.join(folder, image_name + ".gz"), "wb") as f:
-        f.write(IMAGE_MAGIC.to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
-        f.write(images.to(torch.uint8).contiguous().numpy().tobytes())
-    with gzip.open(os.path.join(folder, label_name + ".gz"), "wb") as f:
-        f.write(LABEL_MAGIC.to_bytes(4, "big") + n.to_bytes(4, "big"))
-        f.write(labels.to(torch.uint8).contiguous().numpy().tobytes())
+    steps_per_epoch = len(images) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the data set ({len(images)} images)")
+    epoch, skip = divmod(start, steps_per_epoch)
+    while True:
+        generator = torch.Generator(device=images.device).manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(len(images), device=images.device, generator=generator)
+        for i in range(skip, steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            yield images[idx], labels[idx]
+        epoch, skip = epoch + 1, 0

@@ -13,7 +13,8 @@ Notation follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDP
     t's draw:     uniform over 0..T-1 (DDPM), or logit-normal: t = floor(T sigmoid(z)), z ~ N(0, 1)
                   (Esser et al. 2024, the Stable Diffusion 3 paper)
 
-What the network predicts (`prediction`): the noise eps (DDPM), or the velocity (Salimans & Ho 2022, note 001)
+What the network predicts (`prediction`): the noise eps (DDPM), or the velocity (Salimans & Ho 2022,
+"Progressive Distillation", sec. 4)
 
     v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0,   and back:  eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t
 

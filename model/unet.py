@@ -14,7 +14,8 @@ Building blocks:
     sampling small batches.
   * Sinusoidal time embedding (Vaswani et al. 2017; Ho et al. 2020): the step t as sines and cosines of
     geometrically spaced frequencies, then an MLP.
-  * CrossAttention (attention.py) at the 14x14 and 7x7 levels and in the middle: the label's way in.
+  * CrossAttention (attention.py) after the blocks of the levels in `attn_levels` (0 = 28x28, 1 = 14x14,
+    2 = 7x7) and always in the middle: the label's way in.
 """
 import math
 
@@ -24,16 +25,6 @@ import torch.nn.functional as F
 
 from .attention import CrossAttention, LabelContext
 from .norm import GroupNorm
-
-DEFAULT_CONFIG = dict(
-    channels=(64, 128, 128),  # feature channels at 28x28, 14x14, 7x7
-    attn_levels=(1, 2),       # levels (0 = 28x28) whose blocks have cross-attention; the middle always has
-    heads=4,
-    context_tokens=4,         # tokens per label (>= 2, see attention.py)
-    context_dim=64,
-    num_classes=10,
-)
-
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of integer steps: t [B] -> [B, dim] = [sin(t w_i), cos(t w_i)], w_i = 10000^(-i/half)."""
@@ -80,6 +71,8 @@ class UNet(nn.Module):
 
     def __init__(self, channels=(64, 128, 128), attn_levels=(1, 2), heads=4, context_tokens=4,
                  context_dim=64, num_classes=10):
+        """channels: widths at 28x28, 14x14, 7x7; attn_levels: the levels whose blocks read the label;
+        context_tokens: tokens per label (>= 2, attention.py)."""
         super().__init__()
         self.config = dict(channels=tuple(channels), attn_levels=tuple(attn_levels), heads=heads,
                            context_tokens=context_tokens, context_dim=context_dim, num_classes=num_classes)

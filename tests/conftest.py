@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny UNet and a tiny synthetic MNIST written as real IDX files."""
+import gzip
 import os
 import sys
 
@@ -7,7 +8,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.data import write_idx  # noqa: E402
 from model.unet import UNet  # noqa: E402
 
 TINY = dict(channels=(16, 32, 32), attn_levels=(1, 2), heads=2, context_tokens=3, context_dim=16)
@@ -27,6 +27,20 @@ def fake_digits(n, seed=0):
     for i, y in enumerate(labels.tolist()):
         images[i, 2 + 2 * y:5 + 2 * y, 4:24] = 255
     return images, labels
+
+
+def write_idx(folder, images, labels, train=True):
+    """Write uint8 images [N,28,28] and labels [N] as gzipped MNIST IDX files (LeCun's format: a big-endian
+    magic number, the sizes, then the bytes), as the repo ships them."""
+    os.makedirs(folder, exist_ok=True)
+    split = "train" if train else "t10k"
+    n = len(images)
+    with gzip.open(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), "wb") as f:
+        f.write((2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+        f.write(images.to(torch.uint8).contiguous().numpy().tobytes())
+    with gzip.open(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), "wb") as f:
+        f.write((2049).to_bytes(4, "big") + n.to_bytes(4, "big"))
+        f.write(labels.to(torch.uint8).contiguous().numpy().tobytes())
 
 
 @pytest.fixture

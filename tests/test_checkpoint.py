@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from model import checkpoint
-from model.checkpoint import fingerprint, load_model, save_model
+from harness import files as checkpoint
+from harness.files import fingerprint, load_model, model_file, save_file
 from model.diffusion import Diffusion
 from model.ema import EMA
-from model.trainer import rng_state
+from harness.runs import training_state
 
 
 def _save(model, path, device="cpu"):
@@ -19,8 +19,8 @@ def _save(model, path, device="cpu"):
     model(torch.randn(2, 1, 28, 28, device=device), torch.tensor([1, 2], device=device),
           torch.tensor([3, 4], device=device)).mean().backward()
     opt.step()
-    save_model(path, model, EMA(model), Diffusion(T=200), opt, step=7, losses=[1.0, 0.5], seconds=1.5,
-               preset="cpu", train={"lr": 1e-3}, rng=rng_state(torch.device(device)))
+    state = training_state(7, [1.0, 0.5], 1.5, torch.device(device))
+    save_file(model_file(model, EMA(model), Diffusion(T=200), opt, "cpu", {"lr": 1e-3}, state), path)
     return model
 
 
@@ -108,7 +108,7 @@ def test_non_finite_weights_are_refused(tiny_model, tmp_path):
     _save(tiny_model, path)
     ckpt = torch.load(path, weights_only=True)
     ckpt["ema"]["stem.weight"][0, 0, 0, 0] = float("nan")
-    torch.save(ckpt, path)
+    save_file({k: v for k, v in ckpt.items() if k != "checksum"}, path)  # written so, with its own checksum
     with pytest.raises(ValueError, match="non-finite"):
         load_model(path)
 
@@ -116,7 +116,7 @@ def test_non_finite_weights_are_refused(tiny_model, tmp_path):
 def test_a_second_ctrl_c_cannot_cut_a_save_short(tmp_path):
     import signal
 
-    from model.trainer import save_uninterrupted
+    from harness.runs import save_uninterrupted
     written = []
 
     def save(path):

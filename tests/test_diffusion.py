@@ -187,7 +187,7 @@ def test_guidance_outside_its_interval_is_plain_conditional_sampling(tiny_model)
 
 
 def test_the_default_guidance_interval_is_sigma_028_to_542():
-    from model.sampling import parse_interval, resolve_interval
+    from harness.sampling import parse_interval, resolve_interval
 
     d = Diffusion(T=1000)
     lo, hi = d.steps_with_sigma(0.28, 5.42)
@@ -200,7 +200,7 @@ def test_the_default_guidance_interval_is_sigma_028_to_542():
 
 
 def test_generate_samples_in_seeded_batches(tiny_model):
-    from model.sampling import generate
+    from harness.sampling import generate
 
     d, model, sizes = Diffusion(T=20), tiny_model.eval(), []
     spy = lambda x_t, t, y: sizes.append(len(y)) or model(x_t, t, y)
@@ -217,7 +217,7 @@ def test_generate_samples_in_seeded_batches(tiny_model):
 
 
 def test_generate_progress_bar_counts_every_step(tiny_model, monkeypatch):
-    import model.sampling as sampling
+    import harness.sampling as sampling
 
     bars = []
 

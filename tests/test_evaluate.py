@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import evaluate
-from model import metrics
-from model.checkpoint import fingerprint, save_file
+from harness import metrics
+from harness.files import fingerprint, save_file
 from model.data import load_mnist
-from model.metrics import classify, frechet_distance, gaussian, label_weights, score, train_classifier
+from harness.metrics import classify, frechet_distance, gaussian, label_weights, score, train_classifier
 
 from conftest import fake_digits
 

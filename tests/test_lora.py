@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
+from harness.files import adapter_tensors, fingerprint, load_lora, save_file, save_lora
+from model.adapters import inject_lora, merge_lora, set_lora, unmerge_lora
 from model.diffusion import Diffusion
-from model.lora import (LoraBase, LoraConv2d, LoraLayer, adapter_tensors, inject_lora, load_lora, merge_lora,
-                        parameter_report, save_lora, set_lora, unmerge_lora)
-from model.checkpoint import fingerprint
+from model.lora import LoraBase, LoraConv2d, LoraLayer
 from model.unet import UNet
 
 from conftest import TINY
@@ -34,7 +34,7 @@ def trained_lora(steps=10, lr=1e-2, targets=("attn",), seed=1):
     """A base model and a copy with a LoRA adapter trained for a few steps (all in fp32, CPU)."""
     base = base_model(frozen=True)
     model = base_model()
-    inject_lora(model, targets, r=4, alpha=8)
+    inject_lora(model, targets, rank=4, alpha=8)
     d = Diffusion(T=100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     torch.manual_seed(seed)
@@ -50,7 +50,7 @@ def trained_lora(steps=10, lr=1e-2, targets=("attn",), seed=1):
 def test_layer_formula_and_init():
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 5)
-    layer = LoraLayer(linear, r=2, alpha=3.0)
+    layer = LoraLayer(linear, rank=2, alpha=3.0)
     assert torch.equal(layer.lora_B, torch.zeros(5, 2)) and layer.lora_A.shape == (2, 6)
     assert layer.lora_A.abs().max() <= 1 / math.sqrt(6)  # Kaiming-uniform(a=sqrt 5) = U(+-1/sqrt(in))
     assert not linear.weight.requires_grad and not linear.bias.requires_grad
@@ -60,19 +60,20 @@ def test_layer_formula_and_init():
     expected = x @ linear.weight.T + linear.bias + (3.0 / 2) * x @ layer.lora_A.T @ layer.lora_B.T
     assert torch.allclose(layer(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="width 5"):  # a rank past the layer's width is no low-rank update
-        LoraLayer(torch.nn.Linear(6, 5), r=6)
-    LoraConv2d(torch.nn.Conv2d(1, 16, 3), r=9)  # a conv's update is 16 x (1 * 3 * 3): rank up to 9, one input channel or not
+        LoraLayer(torch.nn.Linear(6, 5), rank=6)
+    LoraConv2d(torch.nn.Conv2d(1, 16, 3), rank=9)  # a conv's update is 16 x (1 * 3 * 3): rank up to 9, one input channel or not
     with pytest.raises(ValueError, match="width 9"):
-        LoraConv2d(torch.nn.Conv2d(1, 16, 3), r=10)
+        LoraConv2d(torch.nn.Conv2d(1, 16, 3), rank=10)
 
 
 def test_injection_is_bit_identical_at_init_and_freezes_the_base():
     base, model = base_model(frozen=True), base_model()
-    layers = inject_lora(model, ("attn",), r=4, alpha=4)
+    layers = inject_lora(model, ("attn",), rank=4, alpha=4)
     assert len(layers) == 15  # w_q, w_k, w_v in each of the 5 attention blocks
     assert all(torch.equal(l.lora_B, torch.zeros_like(l.lora_B)) for l in layers.values())
     assert torch.equal(run(model), run(base))
-    trainable, total = parameter_report(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     assert trainable == sum(l.lora_A.numel() + l.lora_B.numel() for l in layers.values())
     assert trainable / total < 0.05
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
@@ -127,7 +128,7 @@ def adapted(model):
 
 def _save_adapter(tmp_path, model, base, targets=("attn",), name="lora.pt", style="bold"):
     path = str(tmp_path / name)
-    save_lora(path, adapted(model), dict(r=4, alpha=8.0, targets=list(targets), style=style), fingerprint(base),
+    save_lora(path, adapted(model), dict(rank=4, alpha=8.0, targets=list(targets), style=style), fingerprint(base),
               step=10)
     return path
 
@@ -140,7 +141,7 @@ def test_adapter_file_round_trip(tmp_path, targets):
     adapter, layers = load_lora(fresh, path)
     assert adapter["step"] == 10 and adapter["config"]["style"] == "bold"
     assert set(adapter["tensors"]) == set(adapter_tensors(adapted(model)))
-    assert set(adapter) == {"kind", "config", "base_fingerprint", "step", "tensors"}  # the adapter, nothing else
+    assert set(adapter) == {"kind", "config", "base_fingerprint", "step", "tensors", "checksum"}  # nothing else
     assert torch.equal(run(fresh), run(model))
 
 
@@ -150,13 +151,13 @@ def test_adapter_file_refuses_what_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="different base model"):
         load_lora(base_model(seed=1), path)
     adapter = torch.load(path, weights_only=True)
-    adapter["config"]["r"] = 8  # says rank 8, holds rank-4 tensors
-    torch.save(adapter, tmp_path / "rank.pt")
+    adapter["config"]["rank"] = 8  # says rank 8, holds rank-4 tensors (written so, with a checksum to match)
+    save_file({k: v for k, v in adapter.items() if k != "checksum"}, tmp_path / "rank.pt")
     with pytest.raises(ValueError, match="shape"):
         load_lora(base_model(), str(tmp_path / "rank.pt"))
     adapter = torch.load(path, weights_only=True)
     adapter["tensors"].pop(next(iter(adapter["tensors"])))
-    torch.save(adapter, tmp_path / "missing.pt")
+    save_file({k: v for k, v in adapter.items() if k != "checksum"}, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="missing"):
         load_lora(base_model(), str(tmp_path / "missing.pt"))
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -166,7 +167,7 @@ def test_adapter_file_refuses_what_does_not_fit(tmp_path):
 def test_conv_lora_is_exact_at_init_and_its_merge_is_one_conv():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)
-    layer = LoraConv2d(conv, r=2, alpha=3.0)
+    layer = LoraConv2d(conv, rank=2, alpha=3.0)
     x = torch.randn(2, 6, 9, 9)
     assert torch.equal(layer(x), conv(x))  # B = 0: bit-identical
     assert layer.lora_A.shape == (2, 6, 3, 3) and layer.lora_B.shape == (5, 2, 1, 1)
@@ -209,7 +210,7 @@ def test_conv_lora_runs_as_one_conv_with_the_gradients_of_three():
     gradients A and B receive, and a conv adapter stacked on another keeps both updates."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 5, 3, padding=1)
-    layer = LoraConv2d(conv, r=2, alpha=3.0)
+    layer = LoraConv2d(conv, rank=2, alpha=3.0)
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(2, 6, 9, 9)
@@ -226,9 +227,9 @@ def test_conv_lora_runs_as_one_conv_with_the_gradients_of_three():
         assert torch.equal(layer(x), grads[0][0])
     for one, three in zip(*grads):
         assert (one - three).abs().max() < 1e-4 * three.abs().max()
-    top = LoraConv2d(layer, r=2)  # stacked: the top adds its update to what the adapter below computes
+    top = LoraConv2d(layer, rank=2)  # stacked: the top adds its update to what the adapter below computes
     assert not top.one_conv
     with torch.no_grad():
         top.lora_B.normal_()
-    expected = conv(x) + layer.scaling * layer.update(x) + top.scaling * top.update(x)
+    expected = conv(x) + layer.gamma * layer.update(x) + top.gamma * top.update(x)
     assert (top(x) - expected).abs().max() < 1e-4

@@ -1,6 +1,7 @@
 """The three scripts end to end on a tiny synthetic data set, and their one-line errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,9 +14,9 @@ import denoise
 import evaluate
 import lora_finetune
 import train
-from model.checkpoint import load_model
-from model import trainer
-from model.config import PRESETS
+from harness.files import load_model
+from harness import runs
+from harness.config import PRESETS
 from model.diffusion import Diffusion
 from model.unet import UNet
 
@@ -116,7 +117,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(dat
     before = open(ckpt, "rb").read()
     real_loss = Diffusion.loss
     monkeypatch.setattr(Diffusion, "loss", lambda self, *a, **k: real_loss(self, *a, **k) * float("nan"))
-    with pytest.raises(trainer.NonFiniteLoss, match="non-finite"):
+    with pytest.raises(runs.NonFiniteLoss, match="non-finite"):
         _train(data_dir, tmp_path, "--max-steps", "8", "--resume")
     assert open(ckpt, "rb").read() == before
 
@@ -131,14 +132,14 @@ def test_a_short_schedule_trains_and_samples(data_dir, tmp_path):
 
 def test_resume_sees_the_same_batches_as_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     seen = []
-    real_batches = trainer.batches
+    real_batches = train.batches
 
     def spy(*args, **kwargs):
         for x_0, y in real_batches(*args, **kwargs):
             seen.append(y.tolist())
             yield x_0, y
 
-    monkeypatch.setattr(trainer, "batches", spy)
+    monkeypatch.setattr(train, "batches", spy)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     _train(data_dir, tmp_path / "a", "--max-steps", "7")  # 4 steps an epoch: resume mid-epoch
@@ -148,21 +149,54 @@ def test_resume_sees_the_same_batches_as_an_uninterrupted_run(data_dir, tmp_path
     assert seen == whole and len(whole) == 7
 
 
-def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path, monkeypatch):
+def _ctrl_c_inside_step(monkeypatch, at_call):
+    """Press Ctrl-C (a real SIGINT) in the middle of training step `at_call`, after it has drawn its t and eps."""
     calls = {"n": 0}
     real_loss = Diffusion.loss
 
-    def loss_then_interrupt(self, *args, **kwargs):
+    def loss_then_ctrl_c(self, *args, **kwargs):
+        loss = real_loss(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(self, *args, **kwargs)
+        if calls["n"] == at_call:
+            signal.raise_signal(signal.SIGINT)
+        return loss
 
-    monkeypatch.setattr(Diffusion, "loss", loss_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _train(data_dir, tmp_path, "--max-steps", "8")
-    _, _, ckpt = load_model(str(tmp_path / "model.pt"))
-    assert ckpt["step"] == 2 and len(ckpt["losses"]) == 2
+    monkeypatch.setattr(Diffusion, "loss", loss_then_ctrl_c)
+
+
+def test_ctrl_c_inside_a_step_then_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = _train(data_dir, tmp_path / "a", "--max-steps", "8")  # 4 steps an epoch
+    with monkeypatch.context() as m:
+        _ctrl_c_inside_step(m, at_call=3)
+        with pytest.raises(KeyboardInterrupt):
+            _train(data_dir, tmp_path / "b", "--max-steps", "8")
+    stopped = str(tmp_path / "b" / "model.pt")
+    assert load_model(stopped)[2]["step"] == 3  # the step in flight finished, then the run was saved
+    _train(data_dir, tmp_path / "b", "--max-steps", "8", "--resume")
+    a, b = (torch.load(p, weights_only=True) for p in (straight, stopped))
+    assert a["losses"] == b["losses"] and a["step"] == b["step"] == 8
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_ctrl_c_inside_a_lora_step_then_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    tune = ["--base", ckpt, "--data-dir", data_dir, "--batch-size", "16", "--device", "cpu", "--figures",
+            str(tmp_path / "fig"), "--max-steps", "6", "--targets", "attn", "--lr", "0.05"]
+    lora_finetune.main([*tune, "--out", str(tmp_path / "a.pt")])
+    with monkeypatch.context() as m:
+        _ctrl_c_inside_step(m, at_call=2)
+        with pytest.raises(KeyboardInterrupt):
+            lora_finetune.main([*tune, "--out", str(tmp_path / "b.pt")])
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 2
+    lora_finetune.main([*tune, "--out", str(tmp_path / "b.pt"), "--resume"])
+    a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pt", "b.pt"))
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
 
 
 def test_denoise_export_grid_and_process(data_dir, tmp_path):
@@ -217,8 +251,8 @@ def test_lora_learns_a_style_and_compare_really_switches_it_off(data_dir, tmp_pa
     assert info["lora_bytes"] < info["base_bytes"] / 10 and info["trainable"] / info["total"] < 0.05
     lora_finetune.main([*tune, "--max-steps", "5", "--resume"])
     saved = torch.load(adapter, weights_only=True)
-    assert saved["step"] == 5 and saved["config"]["style"] == "bold" and saved["config"]["r"] == 2
-    assert "optimizer" not in saved and os.path.exists(str(tmp_path / "lora.resume.pt"))  # shared file: adapter only
+    assert saved["step"] == 5 and saved["config"]["style"] == "bold" and saved["config"]["rank"] == 2
+    assert "optimizer" not in saved and os.path.exists(str(tmp_path / "lora.pt.resume"))  # shared file: adapter only
     common = ["--ckpt", ckpt, "--steps", "3", "--per-digit", "2", "--device", "cpu", "--process", "",
               "--figures", str(tmp_path / "fig")]
     base = denoise.main(common + ["--out", str(tmp_path / "b.png")])
@@ -368,7 +402,7 @@ def test_bench_writes_every_section(data_dir, tmp_path):
 
 
 def test_bench_speed_reports_both_settings_and_the_flop_rate(tmp_path, monkeypatch):
-    from model.config import SampleConfig, TrainConfig
+    from harness.config import SampleConfig, TrainConfig
     monkeypatch.setitem(PRESETS, "cpu", dict(PRESETS["cpu"], train=TrainConfig(channels=(16, 32, 32), batch_size=8),
                                              sample=SampleConfig(steps=2)))
     out = tmp_path / "speed.md"
@@ -418,7 +452,7 @@ def test_the_adapter_file_holds_the_averaged_adapter(data_dir, tmp_path):
                         "--batch-size", "16", "--targets", "attn", "--lr", "0.05", "--device", "cpu",
                         "--figures", str(tmp_path / "fig")])
     shared = torch.load(adapter, weights_only=True)["tensors"]
-    resume = torch.load(str(tmp_path / "lora.resume.pt"), weights_only=True)
+    resume = torch.load(str(tmp_path / "lora.pt.resume"), weights_only=True)
     for name, tensor in shared.items():
         if name.endswith("lora_B"):  # B starts at zero: after three steps the average and the live one differ
             assert any(torch.equal(tensor, averaged) for averaged in resume["ema"]), name

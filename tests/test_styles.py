@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from harness.metrics import STYLE_METRICS, gap_closed, style_metric
 from model.data import load_mnist
-from model.styles import STYLE_NAMES, STYLES, apply_style, gap_closed, style_metric
+from model.styles import STYLE_NAMES, STYLES, apply_style
 
 
 @pytest.fixture(scope="module")

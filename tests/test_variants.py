@@ -7,11 +7,12 @@ import torch
 
 import lora_finetune
 import train
+from harness.files import fingerprint, load_lora, load_model, save_lora
+from model.adapters import inject_lora, merge_lora, param_groups, set_lora, unmerge_lora
 from model.attention import CrossAttention
-from model.checkpoint import fingerprint, load_model
 from model.diffusion import Diffusion
-from model.lora import (DoraConv2d, DoraLayer, LoraLayer, inject_lora, load_lora, merge_lora, param_groups,
-                        save_lora, set_lora, unmerge_lora)
+from model.dora import DoraConv2d, DoraLayer
+from model.lora import LoraLayer
 from model.unet import UNet
 
 from conftest import TINY
@@ -23,7 +24,7 @@ VARIANTS = [dict(variant="lora"), dict(variant="lora", rslora=True), dict(varian
 def adapted(targets=("attn", "conv"), **variant):
     """A tiny base model and a copy with an adapter of `variant` whose tensors are all moved off their init."""
     base, model = base_model(frozen=True), base_model()
-    layers = inject_lora(model, targets, r=4, alpha=8, **variant)
+    layers = inject_lora(model, targets, rank=4, alpha=8, **variant)
     torch.manual_seed(3)
     with torch.no_grad():
         for layer in layers.values():
@@ -35,7 +36,7 @@ def adapted(targets=("attn", "conv"), **variant):
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_every_variant_starts_bit_identical_to_the_base(variant):
     base, model = base_model(frozen=True), base_model()
-    inject_lora(model, ("attn", "conv"), r=4, alpha=8, **variant)
+    inject_lora(model, ("attn", "conv"), rank=4, alpha=8, **variant)
     assert torch.equal(run(model), run(base))
 
 
@@ -57,7 +58,7 @@ def test_every_variant_merges_and_unmerges_exactly(variant):
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_every_variant_round_trips_through_the_adapter_file(variant, tmp_path):
     base, model, layers = adapted(**variant)
-    config = dict(r=4, alpha=8, targets=["attn", "conv"], style="bold", **variant)
+    config = dict(rank=4, alpha=8, targets=["attn", "conv"], style="bold", **variant)
     save_lora(tmp_path / "a.pt", layers, config, fingerprint(base), step=1)
     fresh = base_model()
     adapter, loaded = load_lora(fresh, tmp_path / "a.pt")
@@ -67,14 +68,14 @@ def test_every_variant_round_trips_through_the_adapter_file(variant, tmp_path):
 
 
 def test_rslora_scales_by_alpha_over_sqrt_r():
-    plain, rs = LoraLayer(torch.nn.Linear(16, 16), r=4, alpha=8), LoraLayer(torch.nn.Linear(16, 16), r=4, alpha=8, rslora=True)
-    assert plain.scaling == 2.0 and rs.scaling == 8 / math.sqrt(4)
+    plain, rs = LoraLayer(torch.nn.Linear(16, 16), rank=4, alpha=8), LoraLayer(torch.nn.Linear(16, 16), rank=4, alpha=8, rslora=True)
+    assert plain.gamma == 2.0 and rs.gamma == 8 / math.sqrt(4)
 
 
 def test_dora_is_magnitude_times_direction_with_the_norm_detached():
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 5)
-    layer = DoraLayer(linear, r=2, alpha=2.0)
+    layer = DoraLayer(linear, rank=2, alpha=2.0)
     assert torch.equal(layer.magnitude, linear.weight.norm(dim=1))  # m starts at the row norms of W0
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -97,7 +98,7 @@ def test_dora_is_magnitude_times_direction_with_the_norm_detached():
     layer.scale = 0.0
     assert torch.equal(layer(x), linear(x))
     with pytest.raises(ValueError, match="stacked"):
-        DoraLayer(LoraLayer(torch.nn.Linear(6, 5), r=2), r=2)
+        DoraLayer(LoraLayer(torch.nn.Linear(6, 5), rank=2), rank=2)
 
 
 def test_lora_plus_gives_b_its_own_learning_rate_through_training(data_dir, tmp_path):
@@ -114,7 +115,7 @@ def test_lora_plus_gives_b_its_own_learning_rate_through_training(data_dir, tmp_
     model, _, _ = load_model(base)
     n = 3 * sum(isinstance(m, CrossAttention) for m in model.modules())  # w_q, w_k, w_v of each
     assert n > 0 and len(groups[1]["params"]) == n and len(groups[0]["params"]) == n  # B of each; A of each
-    layers = inject_lora(model, ("attn",), r=8)
+    layers = inject_lora(model, ("attn",), rank=8)
     a, b = param_groups(layers, 1e-3, 16)
     assert all(p.shape[1] == 8 for p in b["params"]) and b["lr"] == 16e-3
 
@@ -158,7 +159,7 @@ def test_the_lora_ablation_trains_and_scores_each_row(data_dir, tmp_path, monkey
     base = str(tmp_path / "model.pt")
     train.main(["--data-dir", data_dir, "--out", base, "--channels", "16,32,32", "--batch-size", "16",
                 "--max-steps", "2", "--device", "cpu", "--figures", str(tmp_path / "fig")])
-    monkeypatch.setattr(ablate, "LORA_RUNS", {"LoRA r=8 (preset)": [], "DoRA r=8": ["--variant", "dora"]})
+    monkeypatch.setattr(ablate, "LORA_RUNS", {"LoRA rank=8 (preset)": [], "DoRA rank=8": ["--variant", "dora"]})
     monkeypatch.setattr(ablate, "STYLES", ("bold",))
     out = tmp_path / "ablation.md"
     text = ablate.main(["lora", "--base", base, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu",
@@ -167,10 +168,17 @@ def test_the_lora_ablation_trains_and_scores_each_row(data_dir, tmp_path, monkey
                         "--out", str(out)])
     assert out.read_text() == text and "`--max-steps 1 --batch-size 16`" in text
     rows = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
-    lora, dora = rows["| LoRA r=8 (preset)"], rows["| DoRA r=8 (`--variant dora`)"]
+    lora, dora = rows["| LoRA rank=8 (preset)"], rows["| DoRA rank=8 (`--variant dora`)"]
     assert int(dora[1].replace(",", "")) > int(lora[1].replace(",", ""))  # DoRA adds one magnitude per output
     assert torch.load(tmp_path / "work" / "bold-1.pt", weights_only=True)["config"]["variant"] == "dora"
     assert lora[4].endswith("MiB") and lora[5].count("%") == 2  # peak memory; gap closed and accuracy
-    with pytest.raises(ValueError, match="lora_finetune.py .* failed: error: .*--rank"):  # a failed run: one line
-        ablate.main(["lora", "--base", base, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu",
-                     "--work", str(tmp_path / "work"), "--flags", "--rank 0", "--out", str(out)])
+    common = ["lora", "--base", base, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu", "--work",
+              str(tmp_path / "work"), "--out", str(out)]
+    before = out.read_text()
+    for flags, match in (("--rank 0", "would fail: argument --rank"), ("--dropout 0.1", "DoRA rank=8' takes no --dropout"),
+                         ("--out x.pt", "sets --out itself")):  # refused before any run starts
+        with pytest.raises(ValueError, match=match):
+            ablate.main([*common, "--flags", flags])
+    with pytest.raises(ValueError, match="lora_finetune.py .* failed: error: .*rank"):  # a run that fails: one line
+        ablate.main([*common, "--flags", "--rank 100 --max-steps 1 --batch-size 16"])
+    assert out.read_text() == before

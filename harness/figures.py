@@ -1,25 +1,31 @@
 """Figures: digit grids in MNIST's own look (white on black, grey colour map) and training curves.
 
-Everything here takes tensors already on the host and writes a PNG with matplotlib (Agg backend, so it
-works on machines without a display).
+The digits are tiled by torchvision's `make_grid`; matplotlib (Agg backend, so it works on machines
+without a display) adds the labels and titles and writes the PNG.
 """
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
-from .data import to_uint8  # noqa: E402
+from model.data import to_uint8  # noqa: E402
+
+PAD = 2  # pixels between digits
 
 
-def _mosaic(images, pad=2):
-    """[R, C, 28, 28] pixels (uint8, or floats in [-1, 1]) -> one [R*(28+pad), C*(28+pad)] uint8 image."""
+def _mosaic(images):
+    """[R, C, 28, 28] pixels (uint8, or floats in [-1, 1]) -> one [R*30+2, C*30+2] uint8 image."""
     if images.dtype != torch.uint8:
         images = to_uint8(images)
     R, C, H, W = images.shape
-    canvas = torch.zeros(R, C, H + pad, W + pad, dtype=torch.uint8)
-    canvas[:, :, pad // 2:pad // 2 + H, pad // 2:pad // 2 + W] = images.cpu()
-    return canvas.permute(0, 2, 1, 3).reshape(R * (H + pad), C * (W + pad))
+    return make_grid(images.cpu().reshape(R * C, 1, H, W), nrow=C, padding=PAD)[0]  # make_grid gives 3 channels
+
+
+def _centres(n, size=28):
+    """Pixel positions of the centres of n digits in a row (or column) of a mosaic."""
+    return [PAD + i * (size + PAD) + size / 2 for i in range(n)]
 
 
 def save_grid(path, panels, row_labels, col_labels=None, title=None):
@@ -35,10 +41,9 @@ def save_grid(path, panels, row_labels, col_labels=None, title=None):
                              figsize=(len(panels) * (C * cell + 0.5) + 0.3, R * cell + 0.9))
     for ax, (name, images) in zip(axes[0], panels.items()):
         ax.imshow(_mosaic(images).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        step = images.shape[2] + 2
-        ax.set_yticks([step * (i + 0.5) for i in range(R)], row_labels)
+        ax.set_yticks(_centres(R), row_labels)
         if col_labels:
-            ax.set_xticks([step * (j + 0.5) for j in range(C)], col_labels, fontsize=7)
+            ax.set_xticks(_centres(C), col_labels, fontsize=7)
         else:
             ax.set_xticks([])
         ax.tick_params(length=0)
@@ -78,7 +83,7 @@ def save_strip_gif(path, frames, zoom=3, ms=150):
 
     pictures = []
     for caption, images in frames:
-        strip = _mosaic(images[None])  # [30, D * 30]
+        strip = _mosaic(images[None])  # [32, D * 30 + 2]
         picture = Image.fromarray(strip.numpy()).resize((strip.shape[1] * zoom, strip.shape[0] * zoom), Image.NEAREST)
         canvas = Image.new("L", (picture.width, picture.height + 16), 0)
         canvas.paste(picture, (0, 16))

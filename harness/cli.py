@@ -8,8 +8,10 @@ file, `OSError` for a disk that is full or read-only -- and `run_cli` prints the
 import argparse
 import math
 import os
+import platform
 import random
 import sys
+import tempfile
 
 import torch
 
@@ -69,6 +71,13 @@ def pick_device(name=None):
     return device
 
 
+def hardware_name(device):
+    """'one NVIDIA H200', or 'CPU (x86_64, 2 threads)': what a measurement names beside its numbers."""
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name()}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def seed_everything(seed):
     """Seed Python and PyTorch (all devices) so that a run can be repeated."""
     random.seed(seed)
@@ -86,23 +95,18 @@ def fused_adamw(device):
     return device.type in ("cuda", "cpu")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (tensor cores, no loss scaling needed); a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def check_writable(path):
-    """Fail early, with one line, if `path` cannot be written (before minutes of work are done)."""
+    """Fail early, with one line, if `path` cannot be written (before minutes of work are done). Files are
+    written to a temporary file in their folder and renamed (files.py), so the folder must take a new file."""
     folder = os.path.dirname(os.path.abspath(path))
-    existed = os.path.exists(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(path, "ab"):  # opening for append creates nothing new if the file is there
+        with tempfile.TemporaryFile(dir=folder):
             pass
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a folder")
     except OSError as e:
-        raise ValueError(f"cannot write {path}: {e.strerror}")
-    if not existed:
-        os.remove(path)
+        raise ValueError(f"cannot write {path}: {e.strerror or e}")
 
 
 def _number(text, kind):
@@ -168,6 +172,14 @@ def below_one(text):
     return value
 
 
+def seed_int(text):
+    """argparse type: a seed, an integer from 0 to 2^31 - 1."""
+    value = _number(text, int)
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**31 - 1}, got {value}")
+    return value
+
+
 def positive_int(text):
     """argparse type: an integer >= 1 (so `--epochs 0` is a clear usage error)."""
     value = _number(text, int)
@@ -179,14 +191,16 @@ def positive_int(text):
 def parse_digits(text):
     """'0-9', '3', '1,4,7' or '0-4,9' -> [digits]; anything outside 0-9 is a ValueError."""
     digits = []
-    try:
-        for part in text.split(","):
-            lo, dash, hi = part.strip().partition("-")
-            digits += range(int(lo), int(hi if dash else lo) + 1)
-    except ValueError:
-        raise ValueError(f"--digits: expected digits like 0-9 or 1,4,7, got {text!r}")
-    bad = [d for d in digits if not 0 <= d <= 9]
-    if bad or not digits:
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            lo, hi = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise ValueError(f"--digits: expected digits like 0-9 or 1,4,7, got {text!r}")
+        if hi < lo:
+            raise ValueError(f"--digits: a range goes from low to high, like 1-3; got {part.strip()!r}")
+        digits += range(lo, hi + 1)
+    if any(not 0 <= d <= 9 for d in digits):
         raise ValueError(f"--digits: MNIST digits are 0-9, got {text!r}")
     return digits
 
@@ -215,32 +229,21 @@ def add_training_flags(p, what):
                    help="probability of training on the null label (for classifier-free guidance)")
     p.add_argument("--min-snr-gamma", type=nonnegative_float,
                    help="Min-SNR-gamma loss weight min(SNR_t, gamma)/SNR_t; 0 = the plain DDPM loss")
-    p.add_argument("--seed", type=int, help=f"seed for {what}'s init, the data order and the noise")
+    p.add_argument("--seed", type=seed_int, help=f"seed for {what}'s init, the data order and the noise")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out and start over")
     p.add_argument("--figures", default=OUTPUTS, help=f"folder for the figures (default {OUTPUTS}/; "
                                                        "--figures figure refreshes the README's)")
 
 
-def check_new_output(path, resume, force):
-    """A run never replaces work the user has without being asked: --resume continues it, --force overwrites."""
-    if resume and not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: nothing at {path} to continue from")
-    if os.path.exists(path) and not (resume or force):
-        raise ValueError(f"{path} already exists: add --resume to continue it, or --force to overwrite it")
-    check_writable(path)
-
-
-def plan_run(n_images, config, max_steps, saved_step=None):
-    """(total_steps, stop_at): the planned run's length and where this invocation stops (--max-steps)."""
-    from .trainer import plan_steps
-
-    total_steps = plan_steps(n_images, config)
-    if max_steps and max_steps > total_steps:
-        raise ValueError(f"--max-steps {max_steps} is past the end of the planned run ({total_steps} steps): "
-                         "raise --epochs or --total-steps to plan a longer one")
-    stop_at = max_steps or total_steps
-    if saved_step is not None and stop_at <= saved_step:
-        raise ValueError(f"the saved run is already at step {saved_step}: give --max-steps above it "
-                         f"(the planned run has {total_steps})")
-    return total_steps, stop_at
+def check_new_output(resume, force, *paths):
+    """A run never replaces work the user has without being asked: --resume continues it, --force overwrites.
+    `paths` are the files the run writes (an adapter and its resume file); the first is the one to resume."""
+    if resume and force:
+        raise ValueError("--resume continues the run at --out and --force starts it over: give one of them")
+    if resume and not os.path.exists(paths[0]):
+        raise FileNotFoundError(f"--resume: nothing at {paths[0]} to continue from")
+    for path in paths:
+        if os.path.exists(path) and not (resume or force):
+            raise ValueError(f"{path} already exists: add --resume to continue it, or --force to overwrite it")
+        check_writable(path)

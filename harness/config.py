@@ -61,21 +61,26 @@ class SampleConfig:
 
 
 PRESETS = {
-    "gpu": dict(train=TrainConfig(), lora=LoraConfig(epochs=3, batch_size=512), sample=SampleConfig(),
-                expect=dict(train="; about 1 min on one H100", lora="")),
-    # The small model trains for one epoch: the middle steps, where a digit takes shape, are drawn more often
-    # (logit-normal t), and a longer warm-up steadies the first steps. It reads the label at 7x7 only: attention
-    # at 14x14 as well cost 7-15% of each step and bought nothing measurable over three seeds (docs/cpu.md).
+    "gpu": dict(train=TrainConfig(), lora=LoraConfig(epochs=3, batch_size=512), sample=SampleConfig()),
+    # The small model trains for one epoch. It draws the middle steps, where a digit takes shape, more often
+    # (logit-normal t), warms up longer to steady its first steps, and reads the label at 7x7 and in the
+    # middle only: attention at 14x14 cost time and bought nothing measurable (docs/cpu.md).
     "cpu": dict(train=TrainConfig(channels=(16, 32, 64), attn_levels=(2,), epochs=1, batch_size=32, lr=4e-3,
                                   warmup=200, t_sampling="logit-normal"),
                 lora=LoraConfig(total_steps=500, batch_size=32, lr=4e-3),
                 # The small model needs guidance on the noisiest steps too: from t = 82 (sigma 0.28) to the top.
                 # Fresh noise at every step (eta 1) undoes some of the small model's errors, so less guidance
-                # reaches the same class accuracy, and the digits vary more: 97% right at FID 16 (guidance 1.3)
-                # where eta 0 needs guidance 1.75 and scores 23, on one model (docs/cpu.md).
-                sample=SampleConfig(steps=20, eta=1.0, guidance=1.3, guidance_interval="82,999", batch_size=200),
-                expect=dict(train="; about 3 min on a 2-core CPU", lora="; about 1 min on a 2-core CPU")),
+                # reaches the same class accuracy, and the digits vary more (docs/cpu.md).
+                sample=SampleConfig(steps=20, eta=1.0, guidance=1.3, guidance_interval="82,999", batch_size=200)),
 }
+
+
+def preset_named(name):
+    """The preset called `name` (a checkpoint records its own); an unknown name is a ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (this version knows {', '.join(PRESETS)}); the checkpoint may be "
+                         "from another version: retrain it, or sample with --steps, --eta and --guidance given")
+    return PRESETS[name]
 
 
 def preset_for(device):

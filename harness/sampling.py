@@ -9,20 +9,25 @@ averaged weights, with any number of adapters stacked on it), the sampling setti
 preset, the default guidance interval worked out for the model's own schedule, and sampling in seeded
 batches under bf16 autocast (on CUDA), with a progress bar.
 """
+import argparse
 import os
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import fingerprint, load_model
-from .cli import autocast, fraction, nonnegative_float, positive_int, prepare_model
-from .config import PRESETS, preset_for, with_flags
-from .lora import load_lora, merge_lora
+from model.adapters import merge_lora
+from model.training import autocast
+
+from .cli import fraction, nonnegative_float, positive_int, prepare_model, seed_int
+from .config import PRESETS, preset_for, preset_named, with_flags
+from .files import fingerprint, load_lora, load_model
 
 # Where the scripts look for a model when --ckpt is not given: your own, else the one that ships.
 OWN_CHECKPOINT, SHIPPED_CHECKPOINT = "checkpoints/model.pt", "pretrained/model.pt"
 
 GUIDANCE_SIGMAS = (0.28, 5.42)  # guide where sigma_t is in (0.28, 5.42]: Kynkaanniemi et al. 2024, ImageNet
+MAX_SAMPLES = 200_000            # digits one run holds (on the host, 3 KiB each)
+MAX_GUIDANCE = 50.0             # far past any useful scale; beyond it the samples are noise
 
 
 def parse_interval(text):
@@ -52,22 +57,45 @@ def add_sampling_flags(p):
     """The flags denoise.py and evaluate.py share. Defaults of None come from the checkpoint's preset."""
     p.add_argument("--ckpt", help=f"trained model checkpoint (default: {OWN_CHECKPOINT} if it exists, "
                                   f"else the shipped {SHIPPED_CHECKPOINT})")
-    p.add_argument("--lora", nargs="+", metavar="ADAPTER", default=[],
+    p.add_argument("--lora", nargs="+", action="extend", metavar="ADAPTER", default=[],
                    help="LoRA adapter file(s) (lora_finetune.py --out); several stack, e.g. bold.pt italic.pt")
-    p.add_argument("--lora-scale", nargs="+", type=nonnegative_float, metavar="S",
+    p.add_argument("--lora-scale", nargs="+", action="extend", type=nonnegative_float, metavar="S",
                    help="blend each adapter: 0 = off, 1 = full (one value for all, or one per adapter)")
     p.add_argument("--digits", default="0-9", help="which digits, e.g. 0-9, 3 or 1,4,7")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="reverse process")
     p.add_argument("--steps", type=positive_int, help="denoising steps, at most T (default: the preset's)")
     p.add_argument("--eta", type=fraction, help="DDIM noise: 0 deterministic, 1 like DDPM (default: the preset's)")
-    p.add_argument("--guidance", type=nonnegative_float,
+    p.add_argument("--guidance", type=guidance_scale,
                    help="classifier-free guidance scale s: 1 = plain conditional, >1 = stronger (default: the preset's)")
     p.add_argument("--guidance-interval",
                    help="steps where guidance acts: auto, all, or FIRST,LAST (see denoise.py --help; default: the "
                         "preset's)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and the sampler")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for the starting noise and the sampler")
     p.add_argument("--batch-size", type=positive_int, help="digits sampled at once (default: the preset's)")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
+
+
+def presets_text():
+    """The sampling settings of every preset, for a script's --help."""
+    lines = [f"  {name}: {describe('ddim', c.steps, c.guidance, parse_interval(c.guidance_interval), c.eta)}, "
+             f"batch {c.batch_size}" for name, c in ((n, p["sample"]) for n, p in PRESETS.items())]
+    return "\nThe presets sample with (--guidance-interval auto for 'auto'):\n" + "\n".join(lines) + "\n"
+
+
+def digit_labels(digits, per_digit, device):
+    """[d0 x per_digit, d1 x per_digit, ...]: the labels of a run of samples, refused if too many to hold."""
+    if len(digits) * per_digit > MAX_SAMPLES:
+        raise ValueError(f"{len(digits) * per_digit:,} samples asked for; at most {MAX_SAMPLES:,} fit in one run: "
+                         "lower --per-digit, and export several runs with different --seed")
+    return torch.tensor(digits, device=device).repeat_interleave(per_digit)
+
+
+def guidance_scale(text):
+    """argparse type: a guidance scale from 0 to MAX_GUIDANCE."""
+    value = nonnegative_float(text)
+    if value > MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"expected a scale from 0 to {MAX_GUIDANCE:g} (1 = no guidance), got {text}")
+    return value
 
 
 def default_checkpoint(path):
@@ -85,6 +113,10 @@ def lora_scales(args):
     scales = args.lora_scale or [1.0]
     if not args.lora and args.lora_scale:
         raise ValueError("--lora-scale needs an adapter: add --lora PATH")
+    twice = sorted({p for p in args.lora if [os.path.abspath(q) for q in args.lora].count(os.path.abspath(p)) > 1})
+    if twice:
+        raise ValueError(f"--lora: {', '.join(twice)} is given twice; an adapter stacked on itself doubles its style "
+                         "(use --lora-scale 2 for that)")
     if len(scales) == 1:
         return scales * len(args.lora)
     if len(scales) != len(args.lora):
@@ -96,10 +128,19 @@ def sampling_settings(args, ckpt, diffusion, device):
     """Diffusion.sample's keyword arguments and the batch size: the checkpoint's preset, then the flags,
     checked against the model's schedule."""
     preset = ckpt.get("preset") or preset_for(device)
-    config = with_flags(PRESETS[preset]["sample"], args)
+    config = with_flags(preset_named(preset)["sample"], args)
+    if diffusion.T < 1:
+        raise ValueError(f"the checkpoint's schedule has T = {diffusion.T} steps; it is broken, retrain it")
     if not 1 <= config.steps <= diffusion.T:
         raise ValueError(f"--steps must be between 1 and T = {diffusion.T}, got {config.steps}")
+    if args.sampler == "ddpm" and args.eta is not None:
+        raise ValueError("--eta is DDIM's noise; DDPM always draws fresh noise: leave --eta out, or use --sampler ddim")
     interval = resolve_interval(parse_interval(config.guidance_interval), diffusion)
+    if interval is not None and config.guidance != 1:
+        sampled = diffusion.timesteps(config.steps)
+        if not any(interval[0] <= t <= interval[1] for t in sampled):
+            raise ValueError(f"--guidance-interval {interval[0]},{interval[1]} holds none of the {config.steps} steps "
+                             f"sampled ({sampled[0]} down to {sampled[-1]}), so guidance would never act; widen it")
     return dict(steps=config.steps, sampler=args.sampler, eta=config.eta, guidance=config.guidance,
                 guidance_interval=interval), config.batch_size
 
@@ -108,7 +149,9 @@ def describe(sampler, steps, guidance, guidance_interval=None, eta=None, **_):
     """A short human name for a sampling setting, e.g. 'DDIM-20, eta 1, guidance 1.3 on t in [82, 999]'."""
     noise = f"eta {eta:g}, " if sampler == "ddim" and eta else ""  # DDPM is always stochastic: no eta to name
     name = f"{sampler.upper()}-{steps}, {noise}guidance {guidance:g}"
-    if guidance != 1 and guidance_interval is not None:
+    if guidance != 1 and guidance_interval == "auto":
+        name += " on the auto interval"
+    elif guidance != 1 and guidance_interval is not None:
         name += f" on t in [{guidance_interval[0]}, {guidance_interval[1]}]"
     return name
 
@@ -124,11 +167,7 @@ def load_sampler(ckpt, device, weights="ema", loras=(), scales=None, merge=False
     base_fp = fingerprint(model)  # every adapter must have been trained on this base, not on base + another
     adapters = []
     for path, scale in zip(loras, scales or [1.0] * len(loras)):
-        try:
-            adapter, layers = load_lora(model, path, device, base_fingerprint=base_fp)
-        except ValueError as e:
-            hint = f" (the shipped adapters go with --ckpt {SHIPPED_CHECKPOINT})" if "different base" in str(e) else ""
-            raise ValueError(f"{e}{hint}")
+        adapter, layers = load_lora(model, path, device, base_fingerprint=base_fp)
         for layer in layers.values():
             layer.scale = scale
         adapters.append((adapter, layers))

@@ -1,0 +1,271 @@
+"""Files: model checkpoints, adapter files and resume files; how they are written safely and read back.
+
+Every file is a plain dict of tensors, numbers and strings -- nothing pickled that could run code, so it
+loads with `torch.load(weights_only=True)` -- with a `kind` that says what it is and a `checksum` of
+everything else in it, checked on load, so a damaged file is refused instead of sampling quietly wrong.
+
+A model checkpoint (kind "mnist-diffusion"):
+
+    config      the UNet's constructor arguments (enough to rebuild it without guessing)
+    diffusion   the schedule (T, beta_start, beta_end, prediction)
+    model, ema  state_dicts of the live and the averaged weights
+    optimizer   the optimizer's state_dict, so --resume continues exactly
+    preset      the preset the run started from ('cpu' or 'gpu'); lora_finetune.py and denoise.py follow it
+    train       the run's TrainConfig as a dict: what --resume compares the flags with
+    rng         the random-number state at the save, so a resumed run draws what the uninterrupted one would
+    step, losses, seconds
+
+An adapter file ("lora-adapter") holds the averaged adapter tensors, its config and the fingerprint of the
+base it was trained on; what --resume needs of an adapter run goes to a file of its own beside it
+(`resume_path`), written together with the adapter so that the two never disagree.
+
+Files are written atomically: to a temporary file in the same folder, then renamed over the target, so a
+crash or Ctrl-C during a save never leaves a half-written file behind. A save killed outright (SIGKILL,
+power loss) leaves its temporary file; the next save in that folder deletes it.
+"""
+import hashlib
+import os
+import re
+import tempfile
+
+import numpy as np
+import torch
+
+from model.adapters import inject_lora
+from model.diffusion import Diffusion
+from model.unet import UNet
+
+MODEL_KIND, ADAPTER_KIND, RESUME_KIND = "mnist-diffusion", "lora-adapter", "lora-resume"
+WRITTEN_BY = {MODEL_KIND: "train.py", ADAPTER_KIND: "lora_finetune.py", RESUME_KIND: "lora_finetune.py"}
+
+
+# ---- writing and reading any file ----------------------------------------------------------------
+
+def checksum(obj):
+    """sha256 of a file's contents (every key, number, string and tensor byte), its `checksum` key aside."""
+    h = hashlib.sha256()
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if not (path == "" and k == "checksum"):
+                    walk(x[k], f"{path}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}/{i}")
+        elif isinstance(x, torch.Tensor):
+            h.update(f"{path}:{x.dtype}:{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{path}={x!r}".encode())
+    walk(obj, "")
+    return h.hexdigest()[:32]
+
+
+def write_files(*pairs):
+    """torch.save each (obj, path) atomically, all or none: every file goes to a temporary file first, and
+    only when all are written are they renamed over their targets. A failed write (a full disk) is one
+    OSError that names the file and leaves every previous file as it was."""
+    temporaries = []
+    try:
+        for obj, path in pairs:
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            remove_stale_temporaries(folder)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=".pt")
+            temporaries.append(tmp)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(dict(obj, checksum=checksum(obj)), f)
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+                kept = "; every previous file is unchanged" if any(os.path.exists(p) for _, p in pairs) else ""
+                raise OSError(f"cannot write {path}: {str(e).splitlines()[0]} (is the disk full?){kept}") from None
+            os.chmod(tmp, 0o644)  # mkstemp creates the file private (0600); a checkpoint is ordinary data
+        for tmp, (_, path) in zip(temporaries, pairs):
+            os.replace(tmp, path)
+        temporaries = []
+    finally:
+        for tmp in temporaries:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def save_file(obj, path):
+    write_files((obj, path))
+
+
+def save_npz(path, **arrays):
+    """numpy's savez_compressed, atomically: a failed write names the file and keeps the previous one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e} (is the disk full?); the previous file there, if any, "
+                      "is unchanged") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of saves that were killed before their rename: `.tmp-PID-*.pt` whose
+    process PID is gone. Another process's save in progress is left alone. (POSIX only: on Windows,
+    os.kill cannot ask whether a process exists.)"""
+    if os.name != "posix":
+        return
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"\.tmp-(\d+)-\w+\.(pt|npz)", name)
+        if match and not process_exists(int(match.group(1))):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass  # gone already, or not ours to delete: either way not worth failing a save for
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: delivers nothing, only checks
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user's process
+    return True
+
+
+def load_file(path, kind, device="cpu"):
+    """torch.load with weights_only=True, checking that the file is a `kind` file and that its checksum
+    holds (files written before checksums have none to check); one-line errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} ({WRITTEN_BY.get(kind, 'this project')} writes one)")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: not a valid checkpoint ({type(e).__name__})")
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
+        found = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path} is not a {kind} file (found {found!r})")
+    if "checksum" in obj and obj["checksum"] != checksum(obj):
+        raise ValueError(f"{path} is damaged: its contents do not match the checksum written with them")
+    return obj
+
+
+def fingerprint(model):
+    """A short hash of a model's weights: names, shapes and exact values. Ties an adapter to its base."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- model checkpoints ---------------------------------------------------------------------------
+
+def model_file(model, ema, diffusion, optimizer, preset, train, state):
+    """A model checkpoint's contents; `state` is training_state() (runs.py): step, losses, seconds, rng."""
+    return dict(kind=MODEL_KIND, config=model.config, diffusion=diffusion.config(), model=model.state_dict(),
+                ema=ema.model.state_dict(), optimizer=optimizer.state_dict(), preset=preset, train=train, **state)
+
+
+def check_finite(tensors, path):
+    """Refuse weights holding NaN or infinity: they sample black images without a word."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{path} holds non-finite numbers in {name}; the checkpoint is broken, retrain it")
+
+
+def load_model(path, device="cpu", weights="ema"):
+    """Rebuild the UNet and its Diffusion from a checkpoint. Returns (model, diffusion, checkpoint dict).
+
+    weights="ema" loads the averaged weights used for sampling; "model" the live training weights.
+    """
+    ckpt = load_file(path, MODEL_KIND, device)
+    try:
+        model = UNet(**ckpt["config"]).to(device)
+        check_finite(ckpt[weights], path)
+        missing, unexpected = model.load_state_dict(ckpt[weights], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"missing {missing[:2]}, unexpected {unexpected[:2]}")
+        diffusion = Diffusion(**ckpt["diffusion"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        message = " ".join(str(e).split())  # a shape mismatch spans lines: keep all of it, on one
+        raise ValueError(f"{path} does not match this version of the model: {type(e).__name__}: {message}")
+    return model, diffusion, ckpt
+
+
+def export_model(path, out, dtype=torch.float16):
+    """A checkpoint cut down to what sampling and fine-tuning need: the averaged weights in `dtype`, the
+    config, the schedule and the preset -- no live weights, no optimizer. fp16 halves the file; adapters
+    trained on the exported file fit it exactly (its fingerprint is that of the fp16 weights)."""
+    ckpt = load_file(path, MODEL_KIND)
+    slim = {k: ckpt[k] for k in ("kind", "config", "diffusion", "preset", "train", "step")}
+    slim["ema"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    save_file(slim, out)
+
+
+# ---- adapters ------------------------------------------------------------------------------------
+
+def resume_path(out):
+    """Where the state to --resume an adapter run goes: beside the adapter, named after all of it
+    (lora.pt -> lora.pt.resume), so two adapters never share one."""
+    return out + ".resume"
+
+
+def adapter_tensors(layers):
+    """{'down.2.attn.w_q.lora_A': [rank, in], '...lora_B': [out, rank], ...} (and DoRA's '...magnitude':
+    [out]): the adapter alone, keyed by layer path."""
+    return {f"{path}.{name}": p.detach().clone()
+            for path, layer in layers.items() for name, p in layer.named_parameters(recurse=False)}
+
+
+def adapter_file(layers, config, base_fingerprint, step, dtype=torch.float32):
+    """An adapter file's contents: its tensors, its config (rank, alpha, targets, style, ...) and the base's
+    fingerprint. Only what a user shares; the optimizer state for --resume lives in a file of its own."""
+    tensors = {k: v.to(dtype) for k, v in adapter_tensors(layers).items()}
+    return dict(kind=ADAPTER_KIND, config=config, base_fingerprint=base_fingerprint, step=step, tensors=tensors)
+
+
+def save_lora(path, layers, config, base_fingerprint, step, dtype=torch.float32):
+    save_file(adapter_file(layers, config, base_fingerprint, step, dtype), path)
+
+
+def load_lora(model, path, device="cpu", base_fingerprint=None):
+    """Inject adapters into a model using the file's own config, then load the adapter tensors.
+
+    The model must be the base the adapter was trained on: its fingerprint (of the weights without any
+    adapter; pass `base_fingerprint` when stacking a second adapter) must match the file's. Refuses, with a
+    one-line error, a file from another base, or one whose tensors do not fit the layers it describes.
+    Returns (adapter file dict, {path: adapter layer}).
+    """
+    adapter = load_file(path, ADAPTER_KIND, device)
+    try:
+        config, tensors, base_fp = adapter["config"], adapter["tensors"], adapter["base_fingerprint"]
+        rank = int(config["rank"] if "rank" in config else config["r"])  # files before 'rank' said 'r'
+        alpha, targets = float(config["alpha"]), tuple(config["targets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is a damaged adapter file (missing {e})")
+    this_fp = base_fingerprint or fingerprint(model)
+    if base_fp != this_fp:
+        raise ValueError(f"{path} was trained on a different base model (fingerprint {base_fp}, this "
+                         f"checkpoint is {this_fp}): give --ckpt the model it was trained on")
+    layers = inject_lora(model, targets, rank, alpha, float(config.get("dropout", 0.0)),
+                         config.get("variant", "lora"), bool(config.get("rslora", False)))
+    expected = {k: v.shape for k, v in adapter_tensors(layers).items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:2]}, unexpected {unexpected[:2]}")
+    for name, t in tensors.items():
+        if t.shape != expected[name]:
+            raise ValueError(f"{path} does not fit this model: {name} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(expected[name])} (rank {rank})")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path} holds non-finite numbers in {name}; the adapter is broken")
+    with torch.no_grad():
+        for path_, layer in layers.items():
+            for name, p in layer.named_parameters(recurse=False):
+                p.copy_(tensors[f"{path_}.{name}"])
+    return adapter, layers

@@ -1,0 +1,89 @@
+"""Putting adapters into a model: which layers, switching them off and on, stacking, merging.
+
+`inject_lora` walks the model and wraps every layer whose attribute name is a target in a LoRA layer
+(lora.py) or a DoRA layer (dora.py), then freezes everything but the adapters. The target groups:
+
+    attn   the cross-attention projections w_q, w_k, w_v: the label's way in (attention.py)
+    conv   the two 3 x 3 convolutions of every ResBlock, which draw the strokes (unet.py)
+
+and any other layer name (`stem`, `w_o`, ...) stands for itself. Adapters stack as Stable Diffusion LoRAs
+do: a second adapter wraps the first, and the layer computes W0 x + b + s1 dW1 x + s2 dW2 x, two styles at
+once, each with its own blend scale.
+
+LoRA+ (Hayou et al. 2024) is a choice of optimizer groups, not of layers (`param_groups`): B starts at zero
+and carries the update's size, A only its directions; with equal learning rates B learns too slowly in
+wide layers, so B gets lr_ratio times A's rate.
+"""
+import torch.nn as nn
+
+from .dora import DoraConv2d, DoraLayer, DoraMixin
+from .lora import LoraBase, LoraConv2d, LoraLayer, bottom
+
+TARGET_GROUPS = {"attn": ("w_q", "w_k", "w_v"), "conv": ("conv1", "conv2")}
+VARIANTS = {"lora": {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d},
+            "dora": {nn.Linear: DoraLayer, nn.Conv2d: DoraConv2d}}
+
+
+def target_names(targets):
+    """('attn', 'conv') -> the layer names they stand for; a name that is no group stands for itself."""
+    return {name for t in targets for name in TARGET_GROUPS.get(t, (t,))}
+
+
+def inject_lora(model, targets=("attn",), rank=4, alpha=4.0, dropout=0.0, variant="lora", rslora=False):
+    """Wrap every nn.Linear / nn.Conv2d whose attribute name is in `targets` (groups or names) in an adapter
+    layer of `variant` (lora or dora); freeze everything else. Returns {path of the layer: adapter layer},
+    in module order. A target that names no layer of the model is refused."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown LoRA variant {variant!r}: choose {' or '.join(VARIANTS)}")
+    model.requires_grad_(False)
+    found, layers = set(), {}
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraBase):
+            continue  # its children are the layer it wraps; the wrapper itself is what gets stacked on
+        for name, child in list(module.named_children()):
+            kind = VARIANTS[variant].get(type(bottom(child)))
+            if name not in target_names(targets) or kind is None:
+                continue
+            if isinstance(child, DoraMixin):
+                raise ValueError(f"{path}.{name} holds a DoRA adapter, which cannot be stacked with another")
+            full = f"{path}.{name}" if path else name
+            try:
+                layer = kind(child, rank, alpha, dropout, rslora)
+            except ValueError as e:
+                raise ValueError(f"{full}: {e}")
+            setattr(module, name, layer)
+            layers[full] = layer
+            found.add(name)
+    unknown = [t for t in targets if not set(TARGET_GROUPS.get(t, (t,))) & found]
+    if unknown or not layers:
+        raise ValueError(f"no layer to adapt for target(s) {', '.join(unknown or targets)}: use the groups "
+                         f"{', '.join(TARGET_GROUPS)} or layer names such as stem or w_o")
+    return layers
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoraBase)]
+
+
+def set_lora(model, enabled=True, scale=1.0):
+    """Turn every adapter in `model` on or off, or blend it (scale 0 = base, 1 = full)."""
+    for layer in lora_layers(model):
+        layer.enabled, layer.scale = enabled, scale
+
+
+def merge_lora(model):
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model):
+    for layer in reversed(lora_layers(model)):  # the last stacked comes out first
+        layer.unmerge()
+
+
+def param_groups(layers, lr, lr_ratio=1.0):
+    """The optimizer's parameter groups: A (and DoRA's magnitude) at `lr`, B at lr_ratio x lr (LoRA+).
+    `lr_scale` is the group's share of the schedule's learning rate (training.py)."""
+    b = [layer.lora_B for layer in layers.values()]
+    rest = [p for layer in layers.values() for name, p in layer.named_parameters(recurse=False) if name != "lora_B"]
+    return [dict(params=rest, lr=lr, lr_scale=1.0), dict(params=b, lr=lr * lr_ratio, lr_scale=lr_ratio)]
