@@ -13,14 +13,13 @@ adapter: its tensors (averaged, as for the base), its config (rank, alpha, targe
 model's fingerprint. What --resume needs (the live tensors, the optimizer, the random state) goes to a file
 beside it (lora.pt -> lora.pt.resume), written together with it.
 """
-import argparse
 import os
 import time
 from dataclasses import asdict, replace
 
 import torch
 
-from harness.cli import (Parser, add_training_flags, below_one, check_new_output, check_writable, fused_adamw,
+from harness.cli import (Parser, add_training_flags, at_most, below_one, check_new_output, check_writable, fused_adamw,
                          pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
 from harness.config import PRESETS, LoraConfig, TrainConfig, preset_for, preset_named, resumed_config, with_flags
 from harness.figures import save_loss_curve
@@ -45,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--variant", choices=tuple(VARIANTS), help="lora, or dora: a learned magnitude per output "
                                                               f"(default: the preset's, {default.variant})")
     p.add_argument("--rank", type=positive_int, help=f"LoRA rank (default: the preset's, {default.rank})")
-    p.add_argument("--alpha", type=alpha_value, help="LoRA alpha; the update is scaled by alpha / rank "
+    p.add_argument("--alpha", type=at_most(MAX_ALPHA, "alpha / rank scales the update", positive_float), help="LoRA alpha; the update is scaled by alpha / rank "
                                                      f"(default: the preset's, {default.alpha:g})")
     p.add_argument("--rslora", action="store_const", const=True, help="scale the update by alpha / sqrt(rank) (rsLoRA)")
     p.add_argument("--lr-ratio", type=positive_float,
@@ -56,14 +55,6 @@ def parse_args(argv=None):
                         f"comma-separated (default: the preset's, {','.join(default.targets)})")
     add_training_flags(p, "the adapter")
     return p.parse_args(argv)
-
-
-def alpha_value(text):
-    """argparse type: LoRA's alpha, a number above 0 and at most MAX_ALPHA."""
-    value = positive_float(text)
-    if value > MAX_ALPHA:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_ALPHA:g} (alpha / rank scales the update), got {text}")
-    return value
 
 
 def check_paths(args):
@@ -126,23 +117,15 @@ def main(argv=None):
     live, averaged = adapter_parameters(model, ema)
     optimizer = torch.optim.AdamW(param_groups(layers, config.lr, config.lr_ratio), weight_decay=0.0,
                                   fused=fused_adamw(device))
-    first, losses, seconds = 0, [], 0.0
-    if saved is not None:
-        with torch.no_grad():
-            for p, t in zip(live + averaged, saved["live"] + saved["ema"]):
-                p.copy_(t)
-        first, losses, seconds = restore(saved, optimizer, device)
-        print(f"resuming {args.out} at step {first}")
+    first, losses, seconds = restore_adapter(saved, live + averaged, optimizer, device) if saved else (0, [], 0.0)
     trainable, total = sum(p.numel() for p in live), sum(p.numel() for p in model.parameters())
-    print(f"preset {preset}: {describe(config)} on {','.join(config.targets)} "
-          f"({len(layers)} layers), style {config.style}, {total_steps:,} steps of {config.batch_size} images, "
-          f"Min-SNR-gamma {config.min_snr_gamma:g}")
-    print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-
-    ema_layers = {path: ema.model.get_submodule(path) for path in layers}
+    print(f"preset {preset}: {describe(config)} on {','.join(config.targets)} ({len(layers)} layers), style "
+          f"{config.style}, {total_steps:,} steps of {config.batch_size} images, Min-SNR-gamma {config.min_snr_gamma:g}; "
+          f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     def save(at_step, at_losses, at_seconds):
         # The shared file holds the averaged adapter only; beside it, everything --resume needs. Both at once.
+        ema_layers = {path: ema.model.get_submodule(path) for path in layers}
         adapter = adapter_file(ema_layers, asdict(config), base_fp, at_step)
         state = dict(kind=RESUME_KIND, config=asdict(config), base_fingerprint=base_fp, adapter_checksum=checksum(adapter),
                      live=[p.detach() for p in live], ema=[p.detach() for p in averaged],
@@ -158,14 +141,22 @@ def main(argv=None):
         lr = lr_at(step, config.lr, config.warmup, total_steps)
         run.record(train_step(model, diffusion, optimizer, ema, x_0, y, step, lr, **objective))
     elapsed = time.time() - start
-    print(f"fine-tuned {stop_at - first} steps in {elapsed:.1f} s")
     base_size, lora_size = os.path.getsize(args.base), os.path.getsize(args.out)
-    print(f"adapter: {args.out} {lora_size / 1024:,.0f} KiB ({trainable:,} numbers); base checkpoint: {args.base} "
-          f"{base_size / 2**20:,.1f} MiB; resume state: {resume_path(args.out)}")
+    print(f"fine-tuned {stop_at - first} steps in {elapsed:.1f} s; adapter: {args.out} {lora_size / 1024:,.0f} KiB "
+          f"({trainable:,} numbers); base: {args.base} {base_size / 2**20:,.1f} MiB; resume state: {resume_path(args.out)}")
     save_loss_curve(os.path.join(args.figures, "loss_lora.png"), run.losses,
                     title=f"LoRA fine-tuning loss ({config.style})")
     print(f"wrote {os.path.join(args.figures, 'loss_lora.png')}")
     return dict(seconds=elapsed, trainable=trainable, total=total, lora_bytes=lora_size, base_bytes=base_size)
+
+
+def restore_adapter(saved, parameters, optimizer, device):
+    """Put a saved adapter run back: its live and averaged tensors, optimizer and random state."""
+    with torch.no_grad():
+        for p, t in zip(parameters, saved["live"] + saved["ema"]):
+            p.copy_(t)
+    print(f"resuming at step {saved['step']}")
+    return restore(saved, optimizer, device)
 
 
 def adapter_parameters(model, ema):

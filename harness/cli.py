@@ -156,6 +156,17 @@ def level_list(text):
     return levels
 
 
+def at_most(limit, what, kind=None):
+    """An argparse type: a number of `kind` (nonnegative_float unless given) up to `limit`; `what` says what
+    the number does."""
+    def parse(text):
+        value = (kind or nonnegative_float)(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"expected at most {limit:g} ({what}), got {text}")
+        return value
+    return parse
+
+
 def fraction(text):
     """argparse type: a number in [0, 1] (a probability, a decay, DDIM's eta)."""
     value = _number(text, float)

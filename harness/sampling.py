@@ -9,7 +9,6 @@ averaged weights, with any number of adapters stacked on it), the sampling setti
 preset, the default guidance interval worked out for the model's own schedule, and sampling in seeded
 batches under bf16 autocast (on CUDA), with a progress bar.
 """
-import argparse
 import os
 
 import torch
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from model.adapters import merge_lora
 from model.training import autocast
 
-from .cli import fraction, nonnegative_float, positive_int, prepare_model, seed_int
+from .cli import at_most, fraction, nonnegative_float, positive_int, prepare_model, seed_int
 from .config import PRESETS, preset_for, preset_named, with_flags
 from .files import fingerprint, load_lora, load_model
 
@@ -28,6 +27,7 @@ OWN_CHECKPOINT, SHIPPED_CHECKPOINT = "checkpoints/model.pt", "pretrained/model.p
 GUIDANCE_SIGMAS = (0.28, 5.42)  # guide where sigma_t is in (0.28, 5.42]: Kynkaanniemi et al. 2024, ImageNet
 MAX_SAMPLES = 200_000            # digits one run holds (on the host, 3 KiB each)
 MAX_GUIDANCE = 50.0             # far past any useful scale; beyond it the samples are noise
+guidance_scale = at_most(MAX_GUIDANCE, "the guidance scale; 1 = no guidance")
 
 
 def parse_interval(text):
@@ -88,14 +88,6 @@ def digit_labels(digits, per_digit, device):
         raise ValueError(f"{len(digits) * per_digit:,} samples asked for; at most {MAX_SAMPLES:,} fit in one run: "
                          "lower --per-digit, and export several runs with different --seed")
     return torch.tensor(digits, device=device).repeat_interleave(per_digit)
-
-
-def guidance_scale(text):
-    """argparse type: a guidance scale from 0 to MAX_GUIDANCE."""
-    value = nonnegative_float(text)
-    if value > MAX_GUIDANCE:
-        raise argparse.ArgumentTypeError(f"expected a scale from 0 to {MAX_GUIDANCE:g} (1 = no guidance), got {text}")
-    return value
 
 
 def default_checkpoint(path):
