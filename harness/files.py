@@ -24,6 +24,7 @@ crash or Ctrl-C during a save never leaves a half-written file behind. A save ki
 power loss) leaves its temporary file; the next save in that folder deletes it.
 """
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -269,3 +270,37 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
             for name, p in layer.named_parameters(recurse=False):
                 p.copy_(tensors[f"{path_}.{name}"])
     return adapter, layers
+
+
+# ---- peft's layout -------------------------------------------------------------------------------
+
+def peft_state_dict(tensors):
+    """Adapter tensors keyed by our layer paths -> the names peft saves them under ('base_model.model.' +
+    path + '.lora_A.weight', '.lora_B.weight', '.lora_magnitude_vector'; a conv's magnitude [1, out, 1, 1])."""
+    state = {}
+    for key, t in tensors.items():
+        path, name = key.rsplit(".", 1)
+        prefix = f"base_model.model.{path}"
+        if name == "magnitude":
+            is_conv = tensors[f"{path}.lora_A"].dim() == 4
+            state[f"{prefix}.lora_magnitude_vector"] = t.view(1, -1, 1, 1) if is_conv else t
+        else:
+            state[f"{prefix}.{name}.weight"] = t
+    return state
+
+
+def export_peft(adapter_path, out_dir):
+    """Write an adapter file in peft's directory layout (adapter_config.json, adapter_model.bin), which
+    `peft.PeftModel.from_pretrained(unet, out_dir)` loads onto a UNet of the base the adapter was trained on."""
+    adapter = load_file(adapter_path, ADAPTER_KIND)
+    config, tensors = adapter["config"], adapter["tensors"]
+    paths = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    peft_config = dict(peft_type="LORA", r=int(config.get("rank", config.get("r"))), lora_alpha=float(config["alpha"]),
+                       target_modules=paths, use_rslora=bool(config.get("rslora", False)),
+                       use_dora=config.get("variant", "lora") == "dora", lora_dropout=float(config.get("dropout", 0.0)),
+                       bias="none", fan_in_fan_out=False, init_lora_weights=True, inference_mode=True,
+                       base_model_name_or_path=None, task_type=None)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(peft_config, f, indent=1)
+    torch.save(peft_state_dict(tensors), os.path.join(out_dir, "adapter_model.bin"))

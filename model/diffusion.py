@@ -128,11 +128,15 @@ class Diffusion:
         target = eps if self.prediction == "eps" else self.velocity(x_0, t, eps)
         err = (model(x_t, t, y).float() - target).pow(2).mean(dim=(1, 2, 3))    # [B]: per-example MSE
         if min_snr_gamma:
-            alpha_bar = self.alpha_bar_at(t).flatten()  # [B]
-            snr = alpha_bar / (1 - alpha_bar)
-            # The v loss already weighs step t by SNR_t + 1 relative to the eps loss; divide that out.
-            err = err * snr.clamp(max=min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+            err = err * self.min_snr_weight(t, min_snr_gamma)
         return err.mean()
+
+    def min_snr_weight(self, t, gamma):
+        """Min-SNR-gamma's weight of the loss at steps t [B]: min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t /
+        (1 - alpha_bar_t). The v loss already weighs step t by SNR_t + 1 relative to the eps loss: divide that out."""
+        alpha_bar = self.alpha_bar_at(t).flatten()  # [B]
+        snr = alpha_bar / (1 - alpha_bar)
+        return snr.clamp(max=gamma) / (snr if self.prediction == "eps" else snr + 1)
 
     # ---- reverse process ---------------------------------------------------------------------------
 

@@ -127,3 +127,39 @@ def test_a_second_ctrl_c_cannot_cut_a_save_short(tmp_path):
     with pytest.raises(KeyboardInterrupt):  # passed on, but only after the save
         save_uninterrupted(save, str(tmp_path / "m.pt"))
     assert written and (tmp_path / "m.pt").exists()
+
+
+def test_flipped_bytes_are_refused_not_loaded(tiny_model, tmp_path):
+    path = tmp_path / "m.pt"
+    _save(tiny_model, str(path))
+    data = bytearray(path.read_bytes())
+    ema = torch.load(path, weights_only=True)["ema"]["stem.weight"]
+    at = bytes(data).find(ema.numpy().tobytes())  # where the averaged stem's weights lie in the file
+    assert at > 0
+    for i in range(at, at + 50):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged"):
+        load_model(str(path))
+
+
+def test_files_written_together_change_together_or_not_at_all(tmp_path, monkeypatch):
+    """An adapter and its resume file: if the second cannot be written (a full disk), the first keeps its
+    previous contents too, and the error names the file."""
+    a, b = str(tmp_path / "a.pt"), str(tmp_path / "a.pt.resume")
+    checkpoint.write_files((dict(kind="x", step=1), a), (dict(kind="x", step=1), b))
+    real_save = torch.save
+    calls = []
+
+    def save_then_fail(obj, f):
+        calls.append(obj)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc] file write failed")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="cannot write .*a.pt.resume.*unchanged"):
+        checkpoint.write_files((dict(kind="x", step=2), a), (dict(kind="x", step=2), b))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert checkpoint.load_file(a, "x")["step"] == checkpoint.load_file(b, "x")["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "a.pt.resume"]  # no temporary file left behind
