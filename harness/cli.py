@@ -47,6 +47,11 @@ def run_cli(main):
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        print("error: out of memory: try a smaller --batch-size (or fewer --per-digit)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -215,7 +215,11 @@ def get_classifier(path, data_dir, device, epochs=10):
     if os.path.exists(path):
         ckpt = load_file(path, CLASSIFIER_KIND, device)
         model = Classifier().to(device)
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except (KeyError, RuntimeError):
+            raise ValueError(f"{path} is a classifier of another version of metrics.py; point --classifier at "
+                             "pretrained/classifier.pt, or at a path that does not exist to train one there")
         return model.eval(), ckpt["test_accuracy"]
     images, labels = load_mnist(data_dir, train=True, device=device)
     if len(images) < MIN_TRAINING_IMAGES:  # a classifier trained on a handful of digits would judge nothing

@@ -14,7 +14,7 @@ import denoise
 import evaluate
 import lora_finetune
 import train
-from harness.files import load_model
+from harness.files import load_model, save_file
 from harness import runs
 from harness.config import PRESETS
 from model.diffusion import Diffusion
@@ -352,6 +352,99 @@ def test_bad_values_are_refused_before_any_work(data_dir, tmp_path, capsys):
     assert not (tmp_path / "never.pt").exists() and not (tmp_path / "c.pt").exists()
 
 
+def test_round_two_silent_or_late_mistakes_are_refused_up_front(data_dir, tmp_path, capsys, monkeypatch):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    adapter = str(tmp_path / "a.pt")
+    tune = ["--base", ckpt, "--data-dir", data_dir, "--batch-size", "16", "--device", "cpu", "--figures",
+            str(tmp_path / "fig"), "--max-steps", "1", "--targets", "attn"]
+    lora_finetune.main([*tune, "--out", adapter])
+    monkeypatch.setattr(denoise, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
+    sample = ["--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path / "s.png"), "--process", ""]
+    _refused(denoise.main, [*sample, "--guidance-interval", "5,5", "--steps", "20"], "holds none of the 20 steps", capsys)
+    _refused(denoise.main, [*sample, "--sampler", "ddpm", "--eta", "0.5"], "--eta is DDIM's noise", capsys)
+    _refused(denoise.main, [*sample, "--guidance", "1e30"], "--guidance", capsys)
+    _refused(denoise.main, [*sample, "--lora", adapter, "--lora", adapter], "given twice", capsys)
+    _refused(denoise.main, [*sample, "--digits", "3-1"], "from low to high", capsys)
+    _refused(denoise.main, [*sample, "--per-digit", "1000000000"], "at most 200,000", capsys)
+    _refused(denoise.main, [*sample, "--seed", str(2**62)], "--seed", capsys)
+    _refused(train.main, ["--seed", str(2**62), "--out", str(tmp_path / "x.pt")], "--seed", capsys)
+    _refused(train.main, ["--resume", "--force", "--out", ckpt], "give one of them", capsys)
+    _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--targets", "attn,foo"], "foo", capsys)
+    _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--targets", ","], "groups (attn, conv)", capsys)
+    _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--alpha", "1e30"], "--alpha", capsys)
+    _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--targets", "stem", "--rank", "99"],
+             "stem: LoRA rank", capsys)
+    _refused(lora_finetune.main, [*tune, "--base", ckpt + ".resume", "--out", ckpt], "base checkpoint", capsys)
+    # Two --out names never share a resume file: a.pt's and a.pth's are a.pt.resume and a.pth.resume.
+    lora_finetune.main([*tune, "--out", str(tmp_path / "a.pth"), "--style", "italic"])
+    assert torch.load(adapter + ".resume", weights_only=True)["config"]["style"] == "bold"
+    # Another model's adapter: the message says to pass the model it was trained on, whoever made it.
+    other = _train(data_dir, tmp_path / "o", "--max-steps", "1", "--seed", "1")
+    _refused(denoise.main, [*sample[:1], other, *sample[2:], "--lora", adapter], "give --ckpt the model", capsys)
+    saved = torch.load(ckpt, weights_only=True)
+    for broken, match in ((dict(saved, preset="tpu"), "unknown preset 'tpu'"),
+                          (dict(saved, diffusion=dict(saved["diffusion"], T=0)), "T = 0")):
+        save_file({k: v for k, v in broken.items() if k != "checksum"}, tmp_path / "broken.pt")
+        _refused(denoise.main, ["--ckpt", str(tmp_path / "broken.pt"), *sample[2:]], match, capsys)
+
+
+def test_a_folder_that_takes_no_new_file_is_found_before_training(data_dir, tmp_path, monkeypatch):
+    """Files are written to a temporary file in their folder, then renamed: the up-front check tries exactly that
+    (a read-only folder, as a user without root's override meets it)."""
+    import tempfile
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir == str(tmp_path / "ro"):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(train, "load_mnist", lambda *a, **k: pytest.fail("read the data before refusing"))
+    with pytest.raises(ValueError, match="cannot write .*ro/model.pt: Permission denied"):
+        train.main(["--out", str(tmp_path / "ro" / "model.pt"), "--device", "cpu"])
+
+
+def test_evaluate_checks_its_classifier_and_data_before_sampling(data_dir, tmp_path, monkeypatch):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
+    with pytest.raises(FileNotFoundError, match="MNIST not found"):
+        evaluate.main(["--ckpt", ckpt, "--device", "cpu", "--classifier", CLASSIFIER, "--data-dir",
+                       str(tmp_path / "nowhere")])
+
+
+def test_export_is_atomic(data_dir, tmp_path, monkeypatch):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    npz = tmp_path / "s.npz"
+    sample = ["--ckpt", ckpt, "--steps", "2", "--per-digit", "1", "--device", "cpu", "--out", str(tmp_path / "s.png"),
+              "--process", "", "--export", str(npz)]
+    denoise.main(sample)
+    before = npz.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", disk_full)
+    with pytest.raises(OSError, match="cannot write .*s.npz: No space left"):
+        denoise.main(sample + ["--seed", "1"])
+    assert npz.read_bytes() == before and sorted(p.name for p in tmp_path.glob(".tmp-*")) == []
+
+
+def test_bench_never_replaces_your_checkpoints(data_dir, tmp_path, monkeypatch):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    before = open(ckpt, "rb").read()
+    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match="already exists.*--force"):
+        bench.main(["--ckpt", ckpt, "--device", "cpu", "--data-dir", data_dir])
+    assert open(ckpt, "rb").read() == before
+    written = []
+    monkeypatch.setattr(bench, "check_new_output", lambda resume, force, *paths: written.extend(paths) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # stopped right after the check: where would it have trained?
+        bench.main(["--device", "cpu", "--data-dir", data_dir])
+    assert written and all(p.startswith(bench.BENCH_RUN) for p in written)  # its own folder, not checkpoints/
+
+
 def test_corrupt_data_is_a_one_line_error(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -459,3 +552,17 @@ def test_the_adapter_file_holds_the_averaged_adapter(data_dir, tmp_path):
         if name.endswith("lora_B"):  # B starts at zero: after three steps the average and the live one differ
             assert any(torch.equal(tensor, averaged) for averaged in resume["ema"]), name
             assert not any(torch.equal(tensor, live) for live in resume["live"]), name
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_to_do(capsys):
+    from harness.cli import run_cli
+
+    def main():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: out of memory") and "--batch-size" in err
+    with pytest.raises(RuntimeError, match="another failure"):  # any other RuntimeError is not hidden
+        run_cli(lambda: (_ for _ in ()).throw(RuntimeError("another failure")))
