@@ -2,8 +2,9 @@
 
     python ablate.py lora     # rank 1/4/8/16, rsLoRA, DoRA, LoRA+, target layers; on the bold and italic styles
     python ablate.py base     # the base model: eps vs v prediction, Min-SNR-gamma 5 vs off, along its training
+    python ablate.py controlnet   # the preset's ControlNet along its run; null labels, a frozen copy, other controls
 
-Every row is a real run of lora_finetune.py or train.py at this machine's preset (the flags in the table are
+Every row is a real run of lora_finetune.py, train.py or controlnet_train.py at this machine's preset (the flags in the table are
 the only change), each in a process of its own so that its time and peak memory are its own, then scored
 like evaluate.py: the same seeds, the committed classifier, FID beside the real-data floor. `lora` adapts
 --base (default: the shipped model) for the preset's steps; `base` trains four models and scores each
@@ -22,14 +23,16 @@ from contextlib import redirect_stderr
 
 import torch
 
+import controlnet_train
 import lora_finetune
 import train
 from harness.cli import Parser, check_writable, hardware_name, pick_device, positive_int, run_cli
 from harness.config import PRESETS, preset_for, with_flags
-from harness.metrics import Judge
+from harness.metrics import Judge, classify
 from harness.runs import plan_steps
 from harness.sampling import SHIPPED_CHECKPOINT, describe, digit_labels, generate, load_sampler, sampling_settings
 from model.adapters import set_lora
+from model.controls import control_image
 
 # name -> the flags that differ from the preset (r = 8, alpha = 8, on attn,conv; 500 steps)
 LORA_RUNS = {
@@ -44,6 +47,13 @@ LORA_RUNS = {
     "conv only": ["--targets", "conv"],
 }
 STYLES = ("bold", "italic")
+CONTROLNET_RUNS = {
+    "skeleton, half the labels null (preset)": [],
+    "a tenth of the labels null": ["--p-uncond", "0.1"],
+    "copy frozen: hint and zero convs only": ["--freeze-copy"],
+    "edges": ["--control", "edges"],
+    "sketch": ["--control", "sketch"],
+}
 BASE_RUNS = {
     "eps, Min-SNR-5 (preset)": [],
     "eps, plain loss": ["--min-snr-gamma", "0"],
@@ -54,7 +64,7 @@ BASE_RUNS = {
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("study", choices=("lora", "base"), help="which ablation to run")
+    p.add_argument("study", choices=("lora", "base", "controlnet"), help="which ablation to run")
     p.add_argument("--base", default=SHIPPED_CHECKPOINT, help="the model the adapters adapt (lora)")
     p.add_argument("--per-digit", type=positive_int, default=100, help="samples per digit for every score")
     p.add_argument("--work", default="checkpoints/ablation", help="folder for the runs' files (overwritten)")
@@ -108,7 +118,8 @@ def lora_study(args, device, judge, labels):
             print(f"== {style}: {name}", flush=True)
             seconds, peak = run_script(["lora_finetune.py", "--base", args.base, "--out", out, "--style", style,
                                         "--force", "--data-dir", args.data_dir, "--figures", args.work, *args.flags.split(), *flags], device)
-            model, diffusion, ckpt, adapters = load_sampler(args.base, device, loras=[out])
+            s = load_sampler(args.base, device, loras=[out])
+            model, diffusion, ckpt, adapters = s.model, s.diffusion, s.checkpoint, s.adapters
             sampling, batch_size = sampling_for(ckpt, diffusion, device)
             draw = lambda: generate(model, diffusion, labels, seed=0, batch_size=batch_size, **sampling)
             on = draw()
@@ -160,7 +171,8 @@ def base_study(args, device, judge, labels):
             resume = ["--resume"] if stop != stops[0] else ["--force"]
             run_script(["train.py", "--out", out, "--max-steps", str(stop), *resume, "--data-dir", args.data_dir,
                         "--figures", args.work, *args.flags.split(), *flags], device)
-            model, diffusion, ckpt, _ = load_sampler(out, device)
+            s = load_sampler(out, device)
+            model, diffusion, ckpt = s.model, s.diffusion, s.checkpoint
             sampling, batch_size = sampling_for(ckpt, diffusion, device)
             result = judge(generate(model, diffusion, labels, seed=0, batch_size=batch_size, **sampling), labels)
             rows[name]["points"].append((stop, ckpt["seconds"], result))
@@ -179,16 +191,81 @@ def base_study(args, device, judge, labels):
     return lines, notes, describe(**sampling)
 
 
+def controlnet_study(args, device, judge, labels):
+    """The preset's ControlNet scored along its run (is there a sudden convergence?), then one change at a time,
+    each scored at the end; the base model, with the same labels, seeds and no control, beside them."""
+    import evaluate
+
+    preset = PRESETS[load_sampler(args.base, device).checkpoint.get("preset") or preset_for(device)]["control"]
+    config = with_flags(preset, controlnet_train.parse_args(args.flags.split()))
+    total = plan_steps(len(judge.train_labels), config)
+    rows = {}
+    for i, (name, flags) in enumerate(CONTROLNET_RUNS.items()):
+        out = os.path.join(args.work, f"controlnet-{i}.pt")
+        stops = [round(total * q) for q in ((0.1, 0.25, 0.5, 1.0) if i == 0 else (1.0,))]
+        rows[name] = dict(flags=flags, points=[])
+        for stop in stops:
+            print(f"== {name}: to step {stop}", flush=True)
+            resume = ["--resume"] if stop != stops[0] else ["--force"]
+            run_script(["controlnet_train.py", "--base", args.base, "--out", out, "--max-steps", str(stop), *resume,
+                        "--data-dir", args.data_dir, "--figures", args.work, *args.flags.split(), *flags], device)
+            per_digit = len(labels) // 10
+            result = evaluate.main(["--ckpt", args.base, "--controlnet", out, "--per-digit", str(per_digit), "--json",
+                                    "--classifier", args.classifier, "--data-dir", args.data_dir, "--device", device.type])
+            rows[name]["points"].append((stop, result))
+    lines = ["| ControlNet (flags) | step | control F1 exact, within 1 px | class accuracy | FID |", "|---" * 5 + "|"]
+    base = next(iter(rows.values()))["points"][-1][1]
+    lines.append(f"| the base model, same labels (no control) | | {base['control']['base_f1_exact']:.3f}, "
+                 f"{base['control']['base_f1_1px']:.3f} | | |")
+    for name, r in rows.items():
+        flags = f" (`{' '.join(r['flags'])}`)" if r["flags"] else ""
+        for stop, res in r["points"]:
+            c = res["control"]
+            lines.append(f"| {name}{flags} | {stop:,} | {c['f1_exact']:.3f}, {c['f1_1px']:.3f} | "
+                         f"{100 * res['accuracy']:.2f}% | {res['fid']:.1f} |")
+    notes = [f"Controls of the first test digits of each label; FID real-data floor {base['fid_floor']:.1f}.", ""]
+    notes += conflict(args, device, judge, os.path.join(args.work, "controlnet-0.pt"), len(labels) // 10)
+    return lines, notes, base_sampler(args.base, device)
+
+
+def conflict(args, device, judge, controlnet, n, control_of=3, label=8):
+    """The skeleton of a 3 with the label 8: which wins, as guidance on the label and the control's strength move."""
+    s = load_sampler(args.base, device, controlnet=controlnet)
+    sampling, batch_size = sampling_for(s.checkpoint, s.diffusion, device)
+    threes = judge.test_images[judge.test_labels == control_of][:n]
+    controls = control_image(s.controlnet[0].kind, threes)
+    labels = torch.full((len(threes),), label, device=device)
+    lines = [f"Conflict: the {s.controlnet[0].kind} of {len(threes)} test {control_of}s given the label {label} "
+             f"(share of the drawn digits the classifier reads as {control_of} / as {label}):\n",
+             "| guidance s \\ control scale | 0.5 | 1 | 2 |", "|---|---|---|---|"]
+    for guidance in (1.0, 1.3, 3.0):
+        cells = []
+        for strength in (0.5, 1.0, 2.0):
+            drawn = generate(s.model, s.diffusion, labels, seed=0, batch_size=batch_size, controlnet=s.controlnet[0],
+                             controls=controls, control_scale=strength, **dict(sampling, guidance=guidance))
+            read = classify(judge.classifier, drawn)[0]
+            cells.append(f"{100 * (read == control_of).float().mean():.0f}% / {100 * (read == label).float().mean():.0f}%")
+        lines.append(f"| {guidance:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def base_sampler(path, device):
+    s = load_sampler(path, device)
+    return describe(**sampling_for(s.checkpoint, s.diffusion, device)[0])
+
+
 def check_runs(args):
     """Every run's flags parse and agree, and none fights what the study sets itself, before the first run."""
     own = dict(lora=("--base", "--out", "--style", "--force", "--resume"),
-               base=("--out", "--max-steps", "--resume", "--force"))[args.study]
+               base=("--out", "--max-steps", "--resume", "--force"),
+               controlnet=("--base", "--out", "--max-steps", "--resume", "--force"))[args.study]
     clash = [f for f in args.flags.split() if f.split("=")[0] in own]
     if clash:
         hint = " (plan a shorter run with --total-steps)" if "--max-steps" in clash and args.study == "base" else ""
         raise ValueError(f"--flags: the study sets {', '.join(clash)} itself{hint}")
-    script = lora_finetune if args.study == "lora" else train
-    for name, flags in (LORA_RUNS if args.study == "lora" else BASE_RUNS).items():
+    script, runs = dict(lora=(lora_finetune, LORA_RUNS), base=(train, BASE_RUNS),
+                        controlnet=(controlnet_train, CONTROLNET_RUNS))[args.study]
+    for name, flags in runs.items():
         said = io.StringIO()
         try:
             with redirect_stderr(said):
@@ -204,7 +281,7 @@ def main(argv=None):
     out = args.out or f"docs/ablation-{args.study}.md"
     check_writable(out)
     check_runs(args)
-    if args.study == "lora" and not os.path.isfile(args.base):
+    if args.study in ("lora", "controlnet") and not os.path.isfile(args.base):
         raise FileNotFoundError(f"--base {args.base} not found (train.py writes one; the shipped one is "
                                 f"{SHIPPED_CHECKPOINT})")
     device = pick_device(args.device)
@@ -212,7 +289,8 @@ def main(argv=None):
     judge = Judge(args.classifier, args.data_dir, device)
     labels = digit_labels(range(10), args.per_digit, device)
     start = time.time()
-    lines, notes, sampler = (lora_study if args.study == "lora" else base_study)(args, device, judge, labels)
+    study = dict(lora=lora_study, base=base_study, controlnet=controlnet_study)[args.study]
+    lines, notes, sampler = study(args, device, judge, labels)
     header = [f"# Ablation: {args.study}\n",
               f"`python ablate.py {args.study}` on {hardware_name(device)}, PyTorch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}, {time.time() - start:.0f} s in all. Scores: {len(labels):,} samples "

@@ -162,8 +162,9 @@ class Bench:
     def load(self, samplers):
         """Both models and the settings, checked before the classifier and the first row spend any time."""
         a, device, report = self.args, self.device, self.report
-        self.model, self.diffusion, ckpt, _ = load_sampler(a.ckpt, device)
-        self.lora_model, _, _, self.adapters = load_sampler(a.ckpt, device, loras=[a.lora])
+        plain, adapted = load_sampler(a.ckpt, device), load_sampler(a.ckpt, device, loras=[a.lora])
+        self.model, self.diffusion, ckpt = plain.model, plain.diffusion, plain.checkpoint
+        self.lora_model, self.adapters = adapted.model, adapted.adapters
         preset = PRESETS[ckpt.get("preset") or preset_for(device)]["sample"]
         guidance = preset.guidance if a.guidance is None else a.guidance
         self.default = dict(sampler="ddim", steps=preset.steps, eta=preset.eta, guidance=guidance)

@@ -23,8 +23,9 @@ import torch
 from harness.cli import OUTPUTS, Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
 from harness.figures import save_grid, save_strip_gif
 from harness.files import save_npz
-from harness.sampling import (add_sampling_flags, adapter_name, default_checkpoint, describe, digit_labels, generate,
-                              load_sampler, lora_scales, parse_interval, presets_text, sampling_settings)
+from harness.sampling import (add_sampling_flags, adapter_name, control_inputs, default_checkpoint, describe,
+                              digit_labels, generate, load_sampler, lora_scales, parse_interval, presets_text,
+                              sampling_settings)
 from model.adapters import lora_layers, set_lora
 from model.data import to_uint8
 from model.training import autocast
@@ -68,13 +69,16 @@ def check_flags(args):
         raise ValueError(f"--export writes a NumPy .npz file; got {args.export}")
     if args.guidance_interval is not None:
         parse_interval(args.guidance_interval)
+    if args.controlnet and (args.sweep or args.process):
+        raise ValueError("--sweep and --process draw without the ControlNet's controls: leave them out with --controlnet")
 
 
 def output_paths(args, tag):
     """{what: path} of the files this run writes, each checked to be writable before any sampling."""
     figure = lambda name: os.path.join(args.figures, name)
     paths = dict(out=args.out if args.out is not None else figure(f"samples{'_' + tag if tag else ''}.png"),
-                 process=("" if tag else figure("denoise_process.png")) if args.process is None else args.process,
+                 process=("" if tag or args.controlnet else figure("denoise_process.png")) if args.process is None
+                 else args.process,
                  compare=figure(f"compare_{tag}.png") if args.compare else "",
                  sweep=figure(f"sweep_{tag}.png") if args.sweep else "", export=args.export or "")
     for what, path in paths.items():
@@ -91,18 +95,22 @@ def main(argv=None):
     labels_wanted = (parse_digits(args.digits), args.per_digit)
     scales = lora_scales(args)
     device = pick_device(args.device)
-    model, diffusion, ckpt, adapters = load_sampler(default_checkpoint(args.ckpt), device, args.weights,
-                                                    args.lora, scales, merge=args.merge)
-    sampling, batch_size = sampling_settings(args, ckpt, diffusion, device)
-    tag = adapter_name(adapters)
+    loaded = load_sampler(default_checkpoint(args.ckpt), device, args.weights, args.lora, scales, merge=args.merge,
+                          controlnet=args.controlnet)
+    model, diffusion, adapters = loaded.model, loaded.diffusion, loaded.adapters
+    controlnet = loaded.controlnet[0] if loaded.controlnet else None
+    sampling, batch_size = sampling_settings(args, loaded.checkpoint, diffusion, device)
+    tag = "_".join(filter(None, [controlnet and f"controlnet-{controlnet.kind}", adapter_name(adapters)]))
     paths = output_paths(args, tag)
     digits, labels = labels_wanted[0], digit_labels(*labels_wanted, device)  # [D * per_digit]
+    controls = control_inputs(args, controlnet, labels) if controlnet else None  # [N, 1, 28, 28] in {0, 1}
     name = describe(**sampling) + "".join(
-        f", LoRA {a['config'].get('style', 'lora')} x{s:g}" for (a, _), s in zip(adapters, scales))
-    name += " merged" if args.merge else ""
+        f", LoRA {a['config'].get('style', 'lora')} x{scale:g}" for (a, _), scale in zip(adapters, scales))
+    name += (" merged" if args.merge else "") + (f", ControlNet {controlnet.kind}" if controlnet else "")
 
     def draw(net, y=labels):
-        return generate(net, diffusion, y, seed=args.seed, batch_size=batch_size, **sampling)
+        return generate(net, diffusion, y, seed=args.seed, batch_size=batch_size, controlnet=controlnet,
+                        controls=controls, control_scale=args.control_scale, **sampling)
 
     def grid(images):  # [N, 1, 28, 28] -> [D, up to max_grid, 28, 28] uint8 on the host
         return to_uint8(images).view(len(digits), args.per_digit, 28, 28)[:, :args.max_grid].cpu()
@@ -112,7 +120,8 @@ def main(argv=None):
     seconds = time.time() - start  # the samples are on the host now, so a GPU has finished too
     print(f"sampled {len(x):,} digits ({name}) in {seconds:.2f} s on {device}")
     rows = [str(d) for d in digits]
-    save_grid(paths["out"], {"": grid(x)}, rows, title=name)
+    panels = {"": grid(x)} if controls is None else {"control": grid(controls * 2 - 1), "drawn": grid(x)}
+    save_grid(paths["out"], panels, rows, title=name)
     images = to_uint8(x[:, 0]).cpu()  # [N, 28, 28], 0 = black background
     result = dict(seconds=seconds, images=images, labels=labels.cpu(),
                   merged=any(layer.merged_scale is not None for layer in lora_layers(model)))

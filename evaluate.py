@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from harness.cli import Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
-from harness.metrics import Judge
-from harness.sampling import (add_sampling_flags, default_checkpoint, describe, digit_labels, generate, load_sampler,
-                              lora_scales, parse_interval, presets_text, sampling_settings)
+from harness.metrics import Judge, control_f1
+from harness.sampling import (add_sampling_flags, control_inputs, default_checkpoint, describe, digit_labels,
+                              generate, load_sampler, lora_scales, parse_interval, presets_text, sampling_settings)
 from model.adapters import set_lora
+from model.controls import control_image
 from model.data import from_uint8
 
 CLASSIFIER = "pretrained/classifier.pt"
@@ -62,7 +63,6 @@ def parse_args(argv=None):
     p.add_argument("--samples", metavar="FILE.npz", help="score samples written by denoise.py --export instead")
     p.add_argument("--per-digit", type=positive_int, default=1000, help="samples per digit")
     p.add_argument("--classifier", default=CLASSIFIER, help="evaluation classifier (trained there if absent)")
-    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (torchvision's layout)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     return p.parse_args(argv)
 
@@ -96,20 +96,26 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.samples:
         images, labels = load_samples(args.samples, device)
-        draw = lambda: (images, labels, "none", None, f"{len(images):,} samples from {args.samples}")
+        draw = lambda: (images, labels, "none", None, f"{len(images):,} samples from {args.samples}", None)
     else:
         draw = sampler(args, scales, device)  # the model and its settings, checked
     judge = Judge(args.classifier, args.data_dir, device)  # the classifier and the data, before any sampling
-    images, labels, style, off, title = draw()
+    images, labels, style, off, title, control = draw()
     if len(images) < 2:
         raise ValueError(f"FID needs at least 2 samples, got {len(images)}")
     result = judge.style_report(style, off, images, labels) if off is not None else judge(images, labels)
     result["classifier_test_accuracy"], result["classifier_fingerprint"] = judge.test_accuracy, judge.fingerprint
+    if control is not None:
+        result["control"] = control
     if args.json:
         print(json.dumps(result))
     else:
         print(f"classifier: {100 * judge.test_accuracy:.2f}% on MNIST test (weights {judge.fingerprint})")
         print(format_style_report(result, title) if off is not None else format_report(result, title))
+        if control is not None:
+            c = control
+            print(f"ControlNet ({c['kind']}): control F1 {c['f1_exact']:.3f} exact, {c['f1_1px']:.3f} within 1 pixel; "
+                  f"the base model, same labels and seeds: {c['base_f1_exact']:.3f}, {c['base_f1_1px']:.3f}")
     return result
 
 
@@ -117,23 +123,38 @@ def sampler(args, scales, device):
     """Load the model and check the settings; returns a function that draws the digits to score (with one
     style adapter, the same seeds with LoRA off too): (images, labels, style, LoRA-off images or None, title)."""
     ckpt = default_checkpoint(args.ckpt)
-    model, diffusion, checkpoint, adapters = load_sampler(ckpt, device, loras=args.lora, scales=scales)
+    s = load_sampler(ckpt, device, loras=args.lora, scales=scales, controlnet=args.controlnet)
+    model, diffusion, checkpoint, adapters = s.model, s.diffusion, s.checkpoint, s.adapters
+    controlnet = s.controlnet[0] if s.controlnet else None
     sampling, batch_size = sampling_settings(args, checkpoint, diffusion, device)
     labels = digit_labels(parse_digits(args.digits), args.per_digit, device)
     if len(labels) < 2:
         raise ValueError(f"FID needs at least 2 samples, got {len(labels)}")
     styles = {a["config"].get("style", "none") for a, _ in adapters}
     style = styles.pop() if len(styles) == 1 else "none"  # one style: scored against real digits of that style
-    title = f"{len(labels):,} samples from {ckpt}{''.join(f' + {p}' for p in args.lora)} ({describe(**sampling)})"
+    extras = [*args.lora, *([args.controlnet] if controlnet else [])]
+    title = f"{len(labels):,} samples from {ckpt}{''.join(f' + {p}' for p in extras)} ({describe(**sampling)})"
+    controls = control_inputs(args, controlnet, labels) if controlnet else None
+    steer = dict(controlnet=controlnet, controls=controls, control_scale=args.control_scale)
+    run = lambda **kw: generate(model, diffusion, labels, seed=args.seed, batch_size=batch_size, **sampling, **kw)
 
     def draw():
-        images = generate(model, diffusion, labels, seed=args.seed, batch_size=batch_size, **sampling)
-        off = None
+        images, off, control = run(**steer), None, None
+        if controlnet is not None:  # how closely the digits follow their controls; the base, same seeds, beside
+            plain = run()
+            control = dict(kind=controlnet.kind, **fidelity(controlnet.kind, controls, images, "f1"),
+                           **fidelity(controlnet.kind, controls, plain, "base_f1"))
         if style != "none":
             set_lora(model, enabled=False)
-            off = generate(model, diffusion, labels, seed=args.seed, batch_size=batch_size, **sampling)  # same seeds
-        return images, labels, style, off, title
+            off = run(**steer)  # the same seeds without the adapter
+        return images, labels, style, off, title, control
     return draw
+
+
+def fidelity(kind, controls, images, name):
+    """Control F1 of drawn digits against the controls they were given: exactly, and within 1 pixel."""
+    drawn = control_image(kind, images)
+    return {f"{name}_exact": control_f1(controls, drawn), f"{name}_1px": control_f1(controls, drawn, tolerance=1)}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import torch
 
 from harness.cli import (Parser, add_training_flags, at_most, below_one, check_new_output, check_writable, fused_adamw,
                          pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
-from harness.config import PRESETS, LoraConfig, TrainConfig, preset_for, preset_named, resumed_config, with_flags
+from harness.config import (PRESETS, LoraConfig, base_train_config, preset_for, preset_named, resumed_config,
+                            with_flags)
 from harness.figures import save_loss_curve
 from harness.files import (ADAPTER_KIND, RESUME_KIND, adapter_file, checksum, fingerprint, load_file, load_model, resume_path,
                            write_files)
@@ -78,21 +79,16 @@ def resolve_config(args, base, saved, base_fp, preset):
     if saved is not None:
         if saved["base_fingerprint"] != base_fp:
             raise ValueError(f"--resume: {resume_path(args.out)} was trained on another base than {args.base}")
-        if saved.get("adapter_checksum") not in (None, load_file(args.out, ADAPTER_KIND)["checksum"]):
+        if saved.get("out_checksum") not in (None, load_file(args.out, ADAPTER_KIND)["checksum"]):
             raise ValueError(f"--resume: {args.out} and {resume_path(args.out)} are from different saves; "
                              "start over with --force")
         return resumed_config(LoraConfig(**saved["config"]), args)
     config = with_flags(preset_named(preset)["lora"], args)
     if config.min_snr_gamma is None:  # train on the objective the base was trained with
-        config = replace(config, min_snr_gamma=base_train(base).min_snr_gamma)
+        config = replace(config, min_snr_gamma=base_train_config(base).min_snr_gamma)
     if config.variant == "dora" and config.dropout > 0:
         raise ValueError("--variant dora forms the adapted weight itself and takes no --dropout")
     return config
-
-
-def base_train(base):
-    """The base's TrainConfig (a base too old to record one used the plain loss and uniform t)."""
-    return TrainConfig(**base["train"]) if "train" in base else TrainConfig(min_snr_gamma=0.0)
 
 
 def main(argv=None):
@@ -127,14 +123,14 @@ def main(argv=None):
         # The shared file holds the averaged adapter only; beside it, everything --resume needs. Both at once.
         ema_layers = {path: ema.model.get_submodule(path) for path in layers}
         adapter = adapter_file(ema_layers, asdict(config), base_fp, at_step)
-        state = dict(kind=RESUME_KIND, config=asdict(config), base_fingerprint=base_fp, adapter_checksum=checksum(adapter),
+        state = dict(kind=RESUME_KIND, config=asdict(config), base_fingerprint=base_fp, out_checksum=checksum(adapter),
                      live=[p.detach() for p in live], ema=[p.detach() for p in averaged],
                      optimizer=optimizer.state_dict(), **training_state(at_step, at_losses, at_seconds, device))
         write_files((adapter, args.out), (state, resume_path(args.out)))
 
     # The loop of train.py, over the adapter's parameters alone: the base is frozen.
     objective = dict(p_uncond=config.p_uncond, min_snr_gamma=config.min_snr_gamma,
-                     t_sampling=base_train(base).t_sampling)
+                     t_sampling=base_train_config(base).t_sampling)
     run = Run(save, first, stop_at, total_steps, len(images) // config.batch_size, losses, seconds, desc="lora")
     start = time.time()
     for step, (x_0, y) in run.steps(batches(images, labels, config.batch_size, config.seed, start=first)):

@@ -2,6 +2,7 @@
 
     TrainConfig   what train.py runs: the UNet's size and the optimisation (saved in the checkpoint)
     LoraConfig    what lora_finetune.py runs: the adapter and its optimisation (saved beside the adapter)
+    ControlConfig what controlnet_train.py runs: the control and the optimisation (saved in the ControlNet file)
     SampleConfig  how denoise.py and evaluate.py sample by default
 
 A *preset* is one of each, sized for a machine. `cpu` is the design point: a 2-core laptop-class CPU, on
@@ -52,6 +53,21 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    control: str = "skeleton"         # what the ControlNet follows: edges, skeleton or sketch (model/controls.py)
+    train_copy: bool = True           # train the copy of the encoder; False: only the hint and the zero convs
+    epochs: int = 1
+    total_steps: int = 0              # optimizer steps in all, if set: overrides `epochs`
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.999
+    p_uncond: float = 0.5             # the paper's recipe: half the labels become the null label
+    min_snr_gamma: float = None       # None: the base model's
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     steps: int = 50                   # DDIM steps
     eta: float = 0.0                  # DDIM noise: 0 deterministic, 1 a fresh draw each step as in DDPM
@@ -61,18 +77,26 @@ class SampleConfig:
 
 
 PRESETS = {
-    "gpu": dict(train=TrainConfig(), lora=LoraConfig(epochs=3, batch_size=512), sample=SampleConfig()),
+    "gpu": dict(train=TrainConfig(), lora=LoraConfig(epochs=3, batch_size=512), control=ControlConfig(epochs=3),
+                sample=SampleConfig()),
     # The small model trains for one epoch. It draws the middle steps, where a digit takes shape, more often
     # (logit-normal t), warms up longer to steady its first steps, and reads the label at 7x7 and in the
     # middle only: attention at 14x14 cost time and bought nothing measurable (docs/cpu.md).
     "cpu": dict(train=TrainConfig(channels=(16, 32, 64), attn_levels=(2,), epochs=1, batch_size=32, lr=4e-3,
                                   warmup=200, t_sampling="logit-normal"),
                 lora=LoraConfig(total_steps=500, batch_size=32, lr=4e-3),
+                control=ControlConfig(total_steps=1500, batch_size=32, lr=2e-3),
                 # The small model needs guidance on the noisiest steps too: from t = 82 (sigma 0.28) to the top.
                 # Fresh noise at every step (eta 1) undoes some of the small model's errors, so less guidance
                 # reaches the same class accuracy, and the digits vary more (docs/cpu.md).
                 sample=SampleConfig(steps=20, eta=1.0, guidance=1.3, guidance_interval="82,999", batch_size=200)),
 }
+
+
+def base_train_config(checkpoint):
+    """The TrainConfig a base model was trained with (a base too old to record one used the plain loss and
+    uniform t): what an adapter or a ControlNet trains on, so that it learns the base's objective."""
+    return TrainConfig(**checkpoint["train"]) if "train" in checkpoint else TrainConfig(min_snr_gamma=0.0)
 
 
 def preset_named(name):

@@ -31,13 +31,18 @@ import tempfile
 
 import numpy as np
 import torch
+from torchvision.io import ImageReadMode, read_image
+from torchvision.transforms.v2.functional import resize
 
 from model.adapters import inject_lora
+from model.controlnet import ControlNet
 from model.diffusion import Diffusion
 from model.unet import UNet
 
 MODEL_KIND, ADAPTER_KIND, RESUME_KIND = "mnist-diffusion", "lora-adapter", "lora-resume"
-WRITTEN_BY = {MODEL_KIND: "train.py", ADAPTER_KIND: "lora_finetune.py", RESUME_KIND: "lora_finetune.py"}
+CONTROLNET_KIND, CONTROLNET_RESUME_KIND = "controlnet", "controlnet-resume"
+WRITTEN_BY = {MODEL_KIND: "train.py", ADAPTER_KIND: "lora_finetune.py", RESUME_KIND: "lora_finetune.py",
+              CONTROLNET_KIND: "controlnet_train.py", CONTROLNET_RESUME_KIND: "controlnet_train.py"}
 
 
 # ---- writing and reading any file ----------------------------------------------------------------
@@ -270,6 +275,48 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
             for name, p in layer.named_parameters(recurse=False):
                 p.copy_(tensors[f"{path_}.{name}"])
     return adapter, layers
+
+
+# ---- ControlNets ---------------------------------------------------------------------------------
+
+def controlnet_file(controlnet, config, base_fingerprint, step):
+    """A ControlNet file's contents: its control kind, its config, the base's fingerprint and its own weights
+    (the copy of the encoder, the hint, the zero convs) -- nothing of the locked base."""
+    return dict(kind=CONTROLNET_KIND, control=controlnet.kind, config=config, base_fingerprint=base_fingerprint,
+                step=step, state=controlnet.state_dict())
+
+
+def load_controlnet(path, unet, device="cpu", base_fingerprint=None):
+    """The ControlNet saved at `path`, for the locked `unet` it was trained on (refused for another base)."""
+    saved = load_file(path, CONTROLNET_KIND, device)
+    this_fp = base_fingerprint or fingerprint(unet)
+    if saved.get("base_fingerprint") != this_fp:
+        raise ValueError(f"{path} was trained on a different base model (fingerprint {saved.get('base_fingerprint')}, "
+                         f"this checkpoint is {this_fp}): give --ckpt the model it was trained on")
+    try:
+        controlnet = ControlNet(unet, saved["control"], bool(saved["config"].get("train_copy", True))).to(device)
+        missing, unexpected = controlnet.load_state_dict(saved["state"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"missing {missing[:2]}, unexpected {unexpected[:2]}")
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} does not fit this model: {' '.join(str(e).split())}")
+    check_finite(saved["state"], path)
+    return controlnet.eval().requires_grad_(False), saved
+
+
+def read_drawing(path, device="cpu"):
+    """A digit drawn in any paint program, as MNIST draws one: [1, 1, 28, 28] in [-1, 1], white ink on black.
+    Read with torchvision (PNG, JPEG), made grey, resized to 28 x 28; dark ink on light paper is inverted."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"drawing not found: {path}")
+    try:
+        pixels = read_image(path, ImageReadMode.GRAY).float() / 255  # [1, H, W] in [0, 1]
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as an image (PNG or JPEG): {' '.join(str(e).split())[:80]}")
+    image = resize(pixels[None], [28, 28], antialias=True)  # [1, 1, 28, 28]
+    if image.mean() > 0.5:  # mostly light: dark ink on paper, the other way round from MNIST
+        image = 1 - image
+    return (image * 2 - 1).to(device)
 
 
 # ---- peft's layout -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Drawing digits from a trained checkpoint: what denoise.py, evaluate.py and bench.py share.
 
-    model, diffusion, ckpt, adapters = load_sampler("checkpoints/model.pt", device, loras=["checkpoints/lora.pt"])
+    s = load_sampler("checkpoints/model.pt", device, loras=["checkpoints/lora.pt"])  # s.model, s.diffusion, ...
     interval = resolve_interval("auto", diffusion)                     # (82, 578) for T = 1000
     x = generate(model, diffusion, labels, steps=20, sampler="ddim", eta=1.0, guidance=1.3, guidance_interval=interval)
 
@@ -10,16 +10,20 @@ preset, the default guidance interval worked out for the model's own schedule, a
 batches under bf16 autocast (on CUDA), with a progress bar.
 """
 import os
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from model.adapters import merge_lora
+from model.controlnet import Controlled
+from model.controls import control_image
+from model.data import load_mnist
 from model.training import autocast
 
 from .cli import at_most, fraction, nonnegative_float, positive_int, prepare_model, seed_int
 from .config import PRESETS, preset_for, preset_named, with_flags
-from .files import fingerprint, load_lora, load_model
+from .files import fingerprint, load_controlnet, load_lora, load_model, read_drawing
 
 # Where the scripts look for a model when --ckpt is not given: your own, else the one that ships.
 OWN_CHECKPOINT, SHIPPED_CHECKPOINT = "checkpoints/model.pt", "pretrained/model.pt"
@@ -70,6 +74,13 @@ def add_sampling_flags(p):
     p.add_argument("--guidance-interval",
                    help="steps where guidance acts: auto, all, or FIRST,LAST (see denoise.py --help; default: the "
                         "preset's)")
+    p.add_argument("--controlnet", metavar="FILE", help="steer the model with a ControlNet (controlnet_train.py --out)")
+    p.add_argument("--control-from", default="test", metavar="test|DRAWING.png",
+                   help="with --controlnet: the controls of real test digits of each label (test), or of a digit you "
+                        "drew in any paint program, any size, light or dark paper")
+    p.add_argument("--control-scale", type=at_most(MAX_GUIDANCE, "how strongly the ControlNet steers; 0 = not at all"),
+                   default=1.0, help="how strongly the ControlNet steers: its residuals times this")
+    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (torchvision's layout)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for the starting noise and the sampler")
     p.add_argument("--batch-size", type=positive_int, help="digits sampled at once (default: the preset's)")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
@@ -88,6 +99,20 @@ def digit_labels(digits, per_digit, device):
         raise ValueError(f"{len(digits) * per_digit:,} samples asked for; at most {MAX_SAMPLES:,} fit in one run: "
                          "lower --per-digit, and export several runs with different --seed")
     return torch.tensor(digits, device=device).repeat_interleave(per_digit)
+
+
+def control_inputs(args, controlnet, labels):
+    """The control image [N, 1, 28, 28] for each sample: of the first test digits of its label, one after
+    another, or of the digit drawn in the PNG --control-from names, for every sample."""
+    kind = controlnet.kind
+    if args.control_from != "test":
+        return control_image(kind, read_drawing(args.control_from, labels.device)).expand(len(labels), -1, -1, -1)
+    images, test_labels = load_mnist(args.data_dir, train=False, device=labels.device)
+    pick = torch.empty_like(labels)
+    for d in labels.unique().tolist():
+        where, of_d = (labels == d).nonzero().flatten(), (test_labels == d).nonzero().flatten()
+        pick[where] = of_d[torch.arange(len(where), device=labels.device) % len(of_d)]
+    return control_image(kind, images[pick])
 
 
 def default_checkpoint(path):
@@ -148,15 +173,25 @@ def describe(sampler, steps, guidance, guidance_interval=None, eta=None, **_):
     return name
 
 
-def load_sampler(ckpt, device, weights="ema", loras=(), scales=None, merge=False):
-    """The model to sample from: a checkpoint's weights, with any number of LoRA adapters stacked on it,
-    each at its own scale (and folded into the weights with `merge`).
+@dataclass
+class Sampler:
+    """What sampling needs: the model (with its adapters in it), its schedule, the checkpoint dict,
+    [(adapter file dict, its LoRA layers), ...], and a ControlNet with its file dict, or None."""
+    model: torch.nn.Module
+    diffusion: object
+    checkpoint: dict
+    adapters: list
+    controlnet: tuple = None
 
-    Returns (model, diffusion, checkpoint dict, [(adapter file dict, its LoRA layers), ...]).
-    """
+
+def load_sampler(ckpt, device, weights="ema", loras=(), scales=None, merge=False, controlnet=None):
+    """The model to sample from: a checkpoint's weights, with any number of LoRA adapters stacked on it,
+    each at its own scale (and folded into the weights with `merge`), and the ControlNet file `controlnet`
+    (built on the base before any adapter goes in: the adapters then act on the locked UNet it steers)."""
     model, diffusion, checkpoint = load_model(ckpt, device, weights=weights)
     model = prepare_model(model.eval(), device)
     base_fp = fingerprint(model)  # every adapter must have been trained on this base, not on base + another
+    control = load_controlnet(controlnet, model, device, base_fp) if controlnet else None
     adapters = []
     for path, scale in zip(loras, scales or [1.0] * len(loras)):
         adapter, layers = load_lora(model, path, device, base_fingerprint=base_fp)
@@ -165,7 +200,7 @@ def load_sampler(ckpt, device, weights="ema", loras=(), scales=None, merge=False
         adapters.append((adapter, layers))
     if merge:
         merge_lora(model)
-    return model, diffusion, checkpoint, adapters
+    return Sampler(model, diffusion, checkpoint, adapters, control)
 
 
 def adapter_name(adapters):
@@ -174,16 +209,20 @@ def adapter_name(adapters):
 
 
 def generate(model, diffusion, labels, steps=50, sampler="ddim", eta=None, guidance=1.0, seed=0,
-             batch_size=1000, **extra):
+             batch_size=1000, controlnet=None, controls=None, control_scale=1.0, **extra):
     """One sample per label in `labels` [N] -> [N,1,28,28] in [-1,1], `batch_size` at a time; bf16 on CUDA.
 
     Batching is what makes sampling fast: 10,000 digits at batch 1,000 are 10 passes down the chain, not
     10,000. One generator, seeded with `seed` and drawn from batch after batch, makes the result depend only
-    on the seed and the batch size. `extra` goes on to Diffusion.sample, e.g. guidance_interval=(82, 578).
+    on the seed and the batch size. With a `controlnet`, sample i is steered by control image controls[i].
+    `extra` goes on to Diffusion.sample, e.g. guidance_interval=(82, 578).
     """
     generator = torch.Generator(device=labels.device).manual_seed(seed)
     batches = labels.split(batch_size)
+    nets = [model] * len(batches) if controlnet is None else \
+        [Controlled(model, controlnet, c, control_scale) for c in controls.split(batch_size)]
     # The bar counts steps, not batches: on a CPU one batch of 1,000 guided digits takes minutes.
     with tqdm(total=len(batches) * steps, desc="sampling", unit="step", leave=False) as bar, autocast(labels.device):
-        return torch.cat([diffusion.sample(model, y, steps=steps, sampler=sampler, eta=eta, guidance=guidance,
-                                           generator=generator, callback=lambda *_: bar.update(), **extra) for y in batches])
+        return torch.cat([diffusion.sample(net, y, steps=steps, sampler=sampler, eta=eta, guidance=guidance,
+                                           generator=generator, callback=lambda *_: bar.update(), **extra)
+                          for net, y in zip(nets, batches)])

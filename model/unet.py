@@ -102,10 +102,22 @@ class UNet(nn.Module):
                 self.upsample.append(nn.Conv2d(c, c_prev, 3, padding=1))
         self.out = nn.Sequential(GroupNorm(8, c0), nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
 
-    def forward(self, x_t, t, y):
+    def forward(self, x_t, t, y, control=None):
+        """eps_hat [B, 1, 28, 28]. `control`, from a ControlNet (controlnet.py), is one residual per skip and one
+        for the middle, added where the encoder hands its features to the decoder."""
+        h, skips, t_emb, context = self.encode(x_t, t, y)
+        if control is not None:
+            *to_skips, to_middle = control
+            skips, h = [s + c for s, c in zip(skips, to_skips)], h + to_middle
+        return self.decode(h, skips, t_emb, context)
+
+    def encode(self, x_t, t, y, hint=None):
+        """The down path and the middle: (features at 7x7, the skips, t_emb, context). `hint` is added after the stem."""
         context = self.context(y)                                             # [B, L, d_ctx]
         t_emb = self.time_mlp(timestep_embedding(t, self.config["channels"][0]))  # [B, t_dim]
         h = self.stem(x_t)                                                    # [B, c0, 28, 28]
+        if hint is not None:
+            h = h + hint
         skips = []
         for level, block in enumerate(self.down):
             h = block(h, t_emb, context)
@@ -113,6 +125,11 @@ class UNet(nn.Module):
             if level < len(self.downsample):
                 h = self.downsample[level](h)                                 # 28 -> 14 -> 7
         h = self.mid2(self.mid_attn(self.mid1(h, t_emb), context), t_emb)     # [B, c_last, 7, 7]
+        return h, skips, t_emb, context
+
+    def decode(self, h, skips, t_emb, context):
+        """The up path, reading the skips from the last to the first."""
+        skips = list(skips)
         for i, block in enumerate(self.up):
             h = block(torch.cat([h, skips.pop()], dim=1), t_emb, context)
             if i < len(self.upsample):

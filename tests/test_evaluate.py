@@ -57,7 +57,7 @@ def test_the_reference_is_weighted_to_the_samples_label_mix():
 def _classifier(data_dir):
     images, labels = load_mnist(data_dir, train=True)
     torch.manual_seed(0)
-    return train_classifier(images, labels, epochs=40, batch_size=16, lr=3e-3, max_shift=0), images, labels
+    return train_classifier(images, labels, epochs=40, batch_size=16, lr=3e-3, augment=False), images, labels
 
 
 def test_accuracy_and_fid_on_a_tiny_synthetic_set(data_dir):
@@ -114,12 +114,13 @@ def test_the_committed_classifier_is_the_one_everyone_scores_with():
 
     assert evaluate.parse_args([]).classifier == bench.parse_args([]).classifier == "pretrained/classifier.pt"
     model, accuracy = metrics.get_classifier("pretrained/classifier.pt", "data", torch.device("cpu"))
-    assert fingerprint(model) == "d0e87764b8ec274f"
+    assert fingerprint(model) == "7876a84d3f121bb1"
     images, labels = load_mnist("data", train=False)
     measured = float((metrics.classify(model, images)[0] == labels).double().mean())
-    assert measured == pytest.approx(accuracy, abs=1e-3) and measured > 0.985
-    bold = float((metrics.classify(model, apply_style("bold", images[:2000]))[0] == labels[:2000]).double().mean())
-    assert bold > 0.97  # it reads the styled digits the adapters draw
+    assert measured == pytest.approx(accuracy, abs=1e-4) and measured >= 0.995  # it can tell 99% from 99.5%
+    for style in ("bold", "italic", "inverted"):  # and it reads the styled digits the adapters draw
+        styled = float((metrics.classify(model, apply_style(style, images[:2000]))[0] == labels[:2000]).double().mean())
+        assert styled > 0.985, style
 
 
 def test_no_classifier_is_trained_or_cached_on_too_little_data(data_dir, tmp_path):
