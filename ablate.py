@@ -222,8 +222,8 @@ def controlnet_study(args, device, judge, labels):
         for stop, res in r["points"]:
             c = res["control"]
             lines.append(f"| {name}{flags} | {stop:,} | {c['f1_exact']:.3f}, {c['f1_1px']:.3f} | "
-                         f"{100 * res['accuracy']:.2f}% | {res['fid']:.1f} |")
-    notes = [f"Controls of the first test digits of each label; FID real-data floor {base['fid_floor']:.1f}.", ""]
+                         f"{100 * res['accuracy']:.2f}% | {res['fid']:.3f} |")
+    notes = [f"Controls of the first test digits of each label; FID real-data floor {base['fid_floor']:.3f}.", ""]
     notes += conflict(args, device, judge, os.path.join(args.work, "controlnet-0.pt"), len(labels) // 10)
     return lines, notes, base_sampler(args.base, device)
 

@@ -15,11 +15,12 @@ or brightness; model/styles.py), the share of the style gap closed, class accura
 """
 import json
 import os
+import time
 
 import numpy as np
 import torch
 
-from harness.cli import Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
+from harness.cli import Parser, check_writable, hardware_name, parse_digits, pick_device, positive_int, run_cli
 from harness.metrics import Judge, control_f1
 from harness.sampling import (add_sampling_flags, control_inputs, default_checkpoint, describe, digit_labels,
                               generate, load_sampler, lora_scales, parse_interval, presets_text, sampling_settings)
@@ -64,7 +65,49 @@ def parse_args(argv=None):
     p.add_argument("--per-digit", type=positive_int, default=1000, help="samples per digit")
     p.add_argument("--classifier", default=CLASSIFIER, help="evaluation classifier (trained there if absent)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    p.add_argument("--results", metavar="FILE.md",
+                   help="re-score every shipped file in pretrained/ as the README quotes it, and write the table there "
+                        "(the other flags are ignored)")
     return p.parse_args(argv)
+
+
+SHIPPED = "--ckpt pretrained/model.pt"
+RESULTS = [  # what the README quotes: (row, evaluate.py flags)
+    ("the shipped model, the preset's sampler", f"{SHIPPED} --per-digit 200"),
+    ("the same, sampling seed 1", f"{SHIPPED} --per-digit 200 --seed 1"),
+    ("guidance 1.2", f"{SHIPPED} --per-digit 200 --guidance 1.2"),
+    ("guidance 1.4", f"{SHIPPED} --per-digit 200 --guidance 1.4"),
+    ("deterministic DDIM (eta 0), guidance 2", f"{SHIPPED} --per-digit 200 --eta 0 --guidance 2"),
+    ("bold adapter", f"{SHIPPED} --lora pretrained/bold.pt --per-digit 100"),
+    ("italic adapter", f"{SHIPPED} --lora pretrained/italic.pt --per-digit 100"),
+    ("inverted adapter", f"{SHIPPED} --lora pretrained/inverted.pt --per-digit 100"),
+    ("skeleton ControlNet", f"{SHIPPED} --controlnet pretrained/controlnet-skeleton.pt --per-digit 100"),
+    ("skeleton ControlNet + bold adapter",
+     f"{SHIPPED} --controlnet pretrained/controlnet-skeleton.pt --lora pretrained/bold.pt --per-digit 100"),
+]
+
+
+def write_results(path):
+    """Run every row of RESULTS and write one markdown table: the numbers the README quotes, each with its command."""
+    check_writable(path)
+    lines = ["| what | class accuracy | FID (floor) | style: gap closed, FID off -> on | control F1 exact, 1 px "
+             "(base) | command |", "|---" * 6 + "|"]
+    for name, flags in RESULTS:
+        r = main([*flags.split(), "--json"])
+        style = (f"{100 * r['gap_closed']:.0f}%, {r['off']['fid']:.2f} -> {r['on']['fid']:.2f}" if "gap_closed" in r else "")
+        score = r["on"] if "gap_closed" in r else r
+        c = r.get("control")
+        control = f"{c['f1_exact']:.3f}, {c['f1_1px']:.3f} ({c['base_f1_exact']:.3f}, {c['base_f1_1px']:.3f})" if c else ""
+        lines.append(f"| {name} | {100 * score['accuracy']:.2f}% | {score['fid']:.2f} ({score['fid_floor']:.2f}) | "
+                     f"{style} | {control} | `python evaluate.py {flags}` |")
+    text = "\n".join([f"# Results\n", f"Written by `python evaluate.py --results {path}` on {hardware_name(torch.device('cpu'))}, "
+                      f"PyTorch {torch.__version__}, {time.strftime('%Y-%m-%d')}; classifier {r['classifier_fingerprint']} "
+                      f"({100 * r['classifier_test_accuracy']:.2f}% on MNIST test). Style rows: accuracy and FID with the "
+                      "adapter on, against real digits in that style.\n", *lines]) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+    return text
 
 
 def load_samples(path, device):
@@ -85,6 +128,8 @@ def load_samples(path, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.results:
+        return write_results(args.results)
     if args.guidance_interval is not None:
         parse_interval(args.guidance_interval)  # a bad value fails now, before the model is loaded
     scales = lora_scales(args)

@@ -77,10 +77,14 @@ def pick_device(name=None):
 
 
 def hardware_name(device):
-    """'one NVIDIA H200', or 'CPU (x86_64, 2 threads)': what a measurement names beside its numbers."""
+    """'one NVIDIA H200', or 'AMD EPYC, 2 threads (AVX512)': what a measurement names beside its numbers."""
     if device.type == "cuda":
         return f"one {torch.cuda.get_device_name()}"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {torch.get_num_threads()} threads ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def seed_everything(seed):
