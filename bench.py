@@ -2,7 +2,7 @@
 
     python bench.py                 # trains the default model and adapter, then measures (one GPU)
     python bench.py --skip-train    # measures existing checkpoints only
-    python bench.py --speed --device cpu   # speed only: the preset's setting against plain fp32, FLOP rate
+    python bench.py --speed --device cpu   # speed only: the preset's setting against plain fp32, FLOP rate, ControlNet
 
 Writes a markdown report (--out) and the figures guidance.png (one row per guidance scale) and steps.png
 (quality against sampling steps). Every number comes from this run on this machine; the report names the
@@ -32,6 +32,7 @@ from harness.metrics import FLOOR_DRAWS, Judge  # noqa: E402
 from harness.sampling import (describe, digit_labels, generate, guidance_scale, load_sampler, parse_interval,  # noqa: E402
                               resolve_interval)
 from model.adapters import merge_lora  # noqa: E402
+from model.controlnet import ControlNet  # noqa: E402
 from model.diffusion import Diffusion  # noqa: E402
 from model.unet import UNet  # noqa: E402
 
@@ -281,12 +282,14 @@ def train_rate(config, diffusion, device, chosen, steps):
     return config.batch_size * steps / (time.time() - start)
 
 
-def sample_rate(config, sample, diffusion, device, chosen, digits):
-    """Sampling digits/s with the preset's sampler, after a 2-step warm-up."""
+def sample_rate(config, sample, diffusion, device, chosen, digits, controlled=False):
+    """Sampling digits/s with the preset's sampler, after a 2-step warm-up; steered by a ControlNet if `controlled`."""
     model = build(config, device, chosen).eval()
     labels = digit_labels(range(10), digits // 10, device)
     settings = dict(eta=sample.eta, guidance=sample.guidance,
                     guidance_interval=resolve_interval(parse_interval(sample.guidance_interval), diffusion))
+    if controlled:
+        settings.update(controlnet=ControlNet(model).to(device).eval(), controls=torch.zeros(len(labels), 1, 28, 28, device=device))
     with autocast_if(chosen, device):
         generate(model, diffusion, labels, steps=2, **settings)
         sync(device)
@@ -317,6 +320,9 @@ def speed(args, device, steps=60, digits=100):
              f"| setting | training step (batch {config.batch_size}) | sampling {digits} digits "
              f"({describe('ddim', sample.steps, sample.guidance, eta=sample.eta)} on the interval) |", "|---|---|---|"]
     lines += [f"| {name} | {t:,.0f} images/s | {s:,.1f} digits/s ({digits / s:.2f} s) |" for name, t, s in rows]
+    steered = sample_rate(config, sample, diffusion, device, True, digits, controlled=True)
+    lines += [f"| the scripts' setting, steered by a ControlNet | | {steered:,.1f} digits/s ({digits / steered:.2f} s): "
+              f"{rows[0][2] / steered:.2f}x the time of a step |"]
     lines += ["", f"Training step: {flop_per_image / 1e9:.3f} GFLOP per image (forward + backward, counted by "
                   f"torch.utils.flop_counter); speed-up of the scripts' setting over plain fp32: "
                   f"{rows[0][1] / rows[1][1]:.2f}x."]
@@ -331,7 +337,7 @@ def speed(args, device, steps=60, digits=100):
         check_writable(args.out)
         with open(args.out, "w") as f:
             f.write(text)
-    return dict(rows=rows, flop_per_image=flop_per_image)
+    return dict(rows=rows, flop_per_image=flop_per_image, controlnet_digits_per_s=steered)
 
 
 def save_steps_plot(path, rows):

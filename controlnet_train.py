@@ -1,4 +1,4 @@
-"""Chapter 4: steer the frozen model with a drawn shape -- a ControlNet in miniature.
+"""Chapter 6: steer the frozen model with a drawn shape -- a ControlNet in miniature.
 
     python controlnet_train.py                         # a skeleton ControlNet for checkpoints/model.pt
     python controlnet_train.py --control edges --out checkpoints/edges.pt
@@ -20,7 +20,7 @@ import torch
 
 from harness.cli import (Parser, add_training_flags, check_new_output, check_writable, fused_adamw, pick_device,
                          run_cli, seed_everything)
-from harness.config import (PRESETS, ControlConfig, base_train_config, preset_for, preset_named, resumed_config,
+from harness.config import (PRESETS, ControlConfig, base_train_config, objective_on, preset_for, preset_named, resumed_config,
                             with_flags)
 from harness.figures import save_loss_curve
 from harness.files import (CONTROLNET_KIND, CONTROLNET_RESUME_KIND, checksum, controlnet_file, fingerprint, load_file, load_model,
@@ -101,8 +101,7 @@ def main(argv=None):
         write_files((shared, args.out), (state, resume_path(args.out)))
 
     # The loop of train.py; the network is the locked UNet steered by the ControlNet, through the batch's controls.
-    objective = dict(p_uncond=config.p_uncond, min_snr_gamma=config.min_snr_gamma,
-                     t_sampling=base_train_config(base).t_sampling)
+    objective = objective_on(base, config)
     run = Run(save, first, stop_at, total_steps, len(images) // config.batch_size, losses, seconds, desc="controlnet")
     start = time.time()
     for step, (x_0, y) in run.steps(batches(images, labels, config.batch_size, config.seed, start=first)):

@@ -21,7 +21,7 @@ import torch
 
 from harness.cli import (Parser, add_training_flags, at_most, below_one, check_new_output, check_writable, fused_adamw,
                          pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
-from harness.config import (PRESETS, LoraConfig, base_train_config, preset_for, preset_named, resumed_config,
+from harness.config import (PRESETS, LoraConfig, base_train_config, objective_on, preset_for, preset_named, resumed_config,
                             with_flags)
 from harness.figures import save_loss_curve
 from harness.files import (ADAPTER_KIND, RESUME_KIND, adapter_file, checksum, fingerprint, load_file, load_model, resume_path,
@@ -129,8 +129,7 @@ def main(argv=None):
         write_files((adapter, args.out), (state, resume_path(args.out)))
 
     # The loop of train.py, over the adapter's parameters alone: the base is frozen.
-    objective = dict(p_uncond=config.p_uncond, min_snr_gamma=config.min_snr_gamma,
-                     t_sampling=base_train_config(base).t_sampling)
+    objective = objective_on(base, config)
     run = Run(save, first, stop_at, total_steps, len(images) // config.batch_size, losses, seconds, desc="lora")
     start = time.time()
     for step, (x_0, y) in run.steps(batches(images, labels, config.batch_size, config.seed, start=first)):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates every figure in figure/ with the current code, on whatever machine runs it (about 7 minutes
+# Regenerates every figure in figure/ with the current code, on whatever machine runs it (about 8 minutes
 # on a 2-core CPU): the README's three commands with --figures figure (their checkpoints go to
-# outputs/figure-run/, never over yours), then the shipped adapters' comparisons, sweep and stack.
+# outputs/figure-run/, never over yours), then the shipped adapters' comparisons, sweep and stack, and the
+# shipped ControlNets' controls and drawings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=outputs/figure-run
@@ -14,3 +15,12 @@ for style in italic inverted; do
 done
 python denoise.py --ckpt pretrained/model.pt --lora pretrained/italic.pt --sweep --process '' --figures figure
 python denoise.py --ckpt pretrained/model.pt --lora pretrained/bold.pt pretrained/italic.pt --process '' --figures figure
+# ControlNet: controls of test digits, a drawing with every label, and the control with a style adapter.
+cn=pretrained/controlnet-skeleton.pt
+for control in skeleton sketch; do
+  python denoise.py --ckpt pretrained/model.pt --controlnet "pretrained/controlnet-$control.pt" --per-digit 8 --figures figure
+done
+python denoise.py --ckpt pretrained/model.pt --controlnet $cn --control-from data/drawings/two.png --per-digit 4 \
+  --out figure/controlnet_drawing.png
+python denoise.py --ckpt pretrained/model.pt --controlnet $cn --lora pretrained/bold.pt --compare --per-digit 5 \
+  --figures figure

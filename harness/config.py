@@ -99,6 +99,13 @@ def base_train_config(checkpoint):
     return TrainConfig(**checkpoint["train"]) if "train" in checkpoint else TrainConfig(min_snr_gamma=0.0)
 
 
+def objective_on(base, config):
+    """train_step's objective for a run on top of the checkpoint `base`: this run's null-label rate and Min-SNR
+    gamma, and the base's draw of t, which the base learned every step with."""
+    return dict(p_uncond=config.p_uncond, min_snr_gamma=config.min_snr_gamma,
+                t_sampling=base_train_config(base).t_sampling)
+
+
 def preset_named(name):
     """The preset called `name` (a checkpoint records its own); an unknown name is a ValueError."""
     if name not in PRESETS:

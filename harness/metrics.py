@@ -2,7 +2,7 @@
 
 "Are these digits good?" becomes two numbers:
 
-  * class accuracy: the share of samples for digit d that a strong classifier (>= 99% on MNIST test)
+  * class accuracy: the share of samples for digit d that a strong classifier (its accuracy on MNIST test is reported beside every score)
     labels d. It measures fidelity to the label, and rewards guidance.
   * FID in the classifier's feature space (Heusel et al. 2017): fit a Gaussian to the 128-d penultimate
     features of the samples and of the MNIST test set and take the Frechet distance
@@ -15,10 +15,9 @@
 
 The reference must hold the same digits as the samples. The test set is not balanced (892 fives, 1,135
 ones), while we ask for 1,000 of each; and in a classifier's features every digit is its own tight cluster,
-so the mix of digits alone moves the mean and covariance (by about a fifth of the score for balanced real
-digits; docs/experiments.md has the measurement). So the test set is weighted, image by image, to the
-samples' label mix (`label_weights`); a run of one digit is then compared with real images of that digit
-only (real threes score hundreds of times worse against the whole test set than against its threes).
+so the mix of digits alone moves the mean and covariance (docs/experiments.md has the measurement). So the
+test set is weighted, image by image, to the samples' label mix (`label_weights`); a run of one digit is then
+compared with real images of that digit only, not with the whole test set.
 
 The number means little alone, so we report it beside the "real-data floor": the same FID for real
 *training* images with the same labels as the samples -- what a perfect generator would score.
@@ -264,8 +263,8 @@ class Judge:
 
     def floor(self, labels, style="none", draws=FLOOR_DRAWS):
         """What a perfect generator would score: real training images (in `style`) with the same labels as
-        the samples, scored against the same weighted test set. The mean of `draws` random draws: one draw
-        of 10,000 varies by about 7%, too much for the denominator of a ratio."""
+        the samples, scored against the same weighted test set. The mean of `draws` random draws: a single
+        draw varies too much to be the denominator of a ratio (docs/experiments.md)."""
         counts = torch.bincount(labels, minlength=10).tolist()
         key = (style, tuple(counts))
         if key not in self._floors:

@@ -128,3 +128,20 @@ def test_control_fidelity_scores_what_it_says():
     assert control_f1(given, given) == 1.0
     assert control_f1(given, beside) == 0.0 and control_f1(given, beside, tolerance=1) == 1.0
     assert 0.4 < control_f1(given, given * (torch.arange(28) < 12).view(1, 1, 28, 1).float()) < 0.9  # half drawn
+
+
+def test_a_controlnet_run_stopped_and_resumed_is_the_straight_run(data_dir, tmp_path):
+    import controlnet_train
+    import train
+
+    base = str(tmp_path / "model.pt")
+    train.main(["--data-dir", data_dir, "--out", base, "--channels", "16,32,32", "--batch-size", "16",
+                "--max-steps", "2", "--device", "cpu", "--figures", str(tmp_path / "fig")])
+    common = ["--base", base, "--data-dir", data_dir, "--batch-size", "16", "--device", "cpu", "--figures",
+              str(tmp_path / "fig"), "--lr", "0.01", "--control", "edges"]
+    controlnet_train.main([*common, "--out", str(tmp_path / "a.pt"), "--max-steps", "6"])
+    controlnet_train.main([*common, "--out", str(tmp_path / "b.pt"), "--max-steps", "3"])  # stopped mid-epoch
+    controlnet_train.main([*common, "--out", str(tmp_path / "b.pt"), "--max-steps", "6", "--resume"])
+    a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pt", "b.pt"))
+    assert a["step"] == b["step"] == 6 and a["control"] == "edges"
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])

@@ -454,7 +454,7 @@ def test_corrupt_data_is_a_one_line_error(tmp_path):
     _one_line_error(_cli("train.py", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x.pt")), "corrupt")
 
 
-@pytest.mark.parametrize("script", ["train", "lora_finetune", "denoise", "evaluate", "bench"])
+@pytest.mark.parametrize("script", ["train", "lora_finetune", "controlnet_train", "denoise", "evaluate", "bench"])
 def test_help_explains_every_flag(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit) as exit_:
@@ -503,7 +503,7 @@ def test_bench_speed_reports_both_settings_and_the_flop_rate(tmp_path, monkeypat
     out = tmp_path / "speed.md"
     result = bench.main(["--speed", "--device", "cpu", "--out", str(out)])
     text = out.read_text()
-    for line in ("the scripts' setting", "plain fp32 eager", "GFLOP per image", "estimated fp32 peak"):
+    for line in ("the scripts' setting", "plain fp32 eager", "GFLOP per image", "estimated fp32 peak", "steered by a ControlNet"):
         assert line in text
     assert result["flop_per_image"] > 1e6 and all(t > 0 and s > 0 for _, t, s in result["rows"])
 
@@ -566,3 +566,8 @@ def test_running_out_of_memory_is_one_line_that_says_what_to_do(capsys):
     assert exit_.value.code == 2 and err.startswith("error: out of memory") and "--batch-size" in err
     with pytest.raises(RuntimeError, match="another failure"):  # any other RuntimeError is not hidden
         run_cli(lambda: (_ for _ in ()).throw(RuntimeError("another failure")))
+
+
+def test_a_flag_given_twice_adds_to_it_instead_of_replacing_it():
+    args = denoise.parse_args(["--lora", "a.pt", "--lora", "b.pt", "--lora-scale", "1", "--lora-scale", "0.5"])
+    assert args.lora == ["a.pt", "b.pt"] and args.lora_scale == [1.0, 0.5]
