@@ -5,6 +5,8 @@
     python denoise.py --lora checkpoints/lora.pt --sweep     # the style fading in: scale 0 -> 1.5 (PNG and GIF)
     python denoise.py --ckpt pretrained/model.pt --lora pretrained/bold.pt pretrained/italic.pt --compare
     python denoise.py --export samples.npz --per-digit 1000  # for evaluate.py
+    python denoise.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt   # control | drawn
+    python denoise.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt --control-from my.png
 
 Samplers: DDIM (default; deterministic with --eta 0, a fresh noise draw each step with --eta 1) or DDPM
 (ancestral; --steps 1000 is the original chain); the number of steps, eta, the guidance scale, the steps

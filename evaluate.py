@@ -3,15 +3,20 @@
     python evaluate.py --ckpt checkpoints/model.pt                    # sample 1,000 per digit, then score
     python evaluate.py --ckpt checkpoints/model.pt --lora checkpoints/lora.pt --per-digit 200   # a style
     python evaluate.py --samples samples.npz                          # score denoise.py --export output
+    python evaluate.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt --per-digit 100
+    python evaluate.py --results docs/results.md                      # re-score every shipped file
 
 The classifier is the committed pretrained/classifier.pt (trained by `python evaluate.py --classifier
-PATH` when PATH does not exist, as it was). Metrics are explained in model/metrics.py. FID is measured
+PATH` when PATH does not exist, as it was). Metrics are explained in harness/metrics.py. FID is measured
 against the test set weighted to the samples' digits; the "real-data floor" is the FID of real training
 images with the samples' labels, scored the same way: what a perfect generator would score.
 
 With an adapter that learned a style (lora_finetune.py --style), the samples are drawn with LoRA off and
 on from the same seeds and scored against real digits in that style: the style's own metric (ink, slant
-or brightness; model/styles.py), the share of the style gap closed, class accuracy and FID.
+or brightness; harness/metrics.py), the share of the style gap closed, class accuracy and FID. With a
+ControlNet, each digit is drawn through the control of a test digit of its label, and the control computed
+from what was drawn is compared with it (F1, exactly and within a pixel), beside the base model's digits of
+the same labels and seeds.
 """
 import json
 import os
