@@ -108,7 +108,8 @@ def main(argv=None):
     controls = control_inputs(args, controlnet, labels) if controlnet else None  # [N, 1, 28, 28] in {0, 1}
     name = describe(**sampling) + "".join(
         f", LoRA {a['config'].get('style', 'lora')} x{scale:g}" for (a, _), scale in zip(adapters, scales))
-    name += (" merged" if args.merge else "") + (f", ControlNet {controlnet.kind}" if controlnet else "")
+    strength = f" x{args.control_scale:g}" if args.control_scale != 1 else ""
+    name += (" merged" if args.merge else "") + (f", ControlNet {controlnet.kind}{strength}" if controlnet else "")
 
     def draw(net, y=labels):
         return generate(net, diffusion, y, seed=args.seed, batch_size=batch_size, controlnet=controlnet,
