@@ -85,7 +85,7 @@ PRESETS = {
     "cpu": dict(train=TrainConfig(channels=(16, 32, 64), attn_levels=(2,), epochs=1, batch_size=32, lr=4e-3,
                                   warmup=200, t_sampling="logit-normal"),
                 lora=LoraConfig(total_steps=500, batch_size=32, lr=4e-3),
-                control=ControlConfig(total_steps=2200, batch_size=32, lr=2e-3),
+                control=ControlConfig(total_steps=1500, batch_size=32, lr=2e-3),
                 # The small model needs guidance on the noisiest steps too: from t = 82 (sigma 0.28) to the top.
                 # Fresh noise at every step (eta 1) undoes some of the small model's errors, so less guidance
                 # reaches the same class accuracy, and the digits vary more (docs/cpu.md).

@@ -145,3 +145,35 @@ def test_a_controlnet_run_stopped_and_resumed_is_the_straight_run(data_dir, tmp_
     a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pt", "b.pt"))
     assert a["step"] == b["step"] == 6 and a["control"] == "edges"
     assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+
+
+def test_controlnet_training_drops_labels_and_feeds_each_batch_its_control(data_dir, tmp_path, monkeypatch):
+    """Through controlnet_train.py's real loop: --p-uncond reaches the labels the copy and the locked UNet see,
+    and the control each step gets is the control of that step's digits."""
+    import controlnet_train
+    import train
+    from model.controls import control_image as real_control_image
+
+    base = str(tmp_path / "model.pt")
+    train.main(["--data-dir", data_dir, "--out", base, "--channels", "16,32,32", "--batch-size", "16",
+                "--max-steps", "1", "--device", "cpu", "--figures", str(tmp_path / "fig")])
+    seen_labels, seen_controls, digits = [], [], []
+    real_forward = ControlNet.forward
+
+    def forward_spy(self, x_t, t, y, control):
+        seen_labels.append(y.clone())
+        seen_controls.append(control.clone())
+        return real_forward(self, x_t, t, y, control)
+
+    def control_spy(kind, x):
+        digits.append(x.clone())
+        return real_control_image(kind, x)
+
+    monkeypatch.setattr(ControlNet, "forward", forward_spy)
+    monkeypatch.setattr(controlnet_train, "control_image", control_spy)
+    controlnet_train.main(["--base", base, "--out", str(tmp_path / "cn.pt"), "--data-dir", data_dir, "--batch-size",
+                           "16", "--device", "cpu", "--figures", str(tmp_path / "fig"), "--max-steps", "2",
+                           "--p-uncond", "1"])
+    assert len(seen_labels) == 2 and all((y == 10).all() for y in seen_labels)  # every label the null label
+    for x_0, control in zip(digits, seen_controls):
+        assert torch.equal(control, real_control_image("skeleton", x_0)) and control.sum() > 0
