@@ -3,8 +3,9 @@
     python ablate.py lora     # rank 1/4/8/16, rsLoRA, DoRA, LoRA+, target layers; on the bold and italic styles
     python ablate.py base     # the base model: eps vs v prediction, Min-SNR-gamma 5 vs off, along its training
     python ablate.py controlnet   # the preset's ControlNet along its run; null labels, a frozen copy, other controls
+    python ablate.py quant    # NF4 settings against the full-precision model; QLoRA adapters on the 4-bit model
 
-Every row is a real run of lora_finetune.py, train.py or controlnet_train.py at this machine's preset (the flags in the table are
+Every row is a real run of lora_finetune.py, train.py, controlnet_train.py or quantize.py at this machine's preset (the flags in the table are
 the only change), each in a process of its own so that its time and peak memory are its own, then scored
 like evaluate.py: the same seeds, the committed classifier, FID beside the real-data floor. `lora` adapts
 --base (default: the shipped model) for the preset's steps; `base` trains four models and scores each
@@ -14,6 +15,7 @@ Every run's flags are checked before the first one starts. Writes a markdown tab
 """
 import argparse
 import io
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import torch
 
 import controlnet_train
 import lora_finetune
+import quantize
 import train
 from harness.cli import Parser, check_writable, hardware_name, pick_device, positive_int, run_cli
 from harness.config import PRESETS, preset_for, with_flags
@@ -33,6 +36,7 @@ from harness.runs import plan_steps
 from harness.sampling import SHIPPED_CHECKPOINT, describe, digit_labels, generate, load_sampler, sampling_settings
 from model.adapters import set_lora
 from model.controls import control_image
+from model.quant import four_bit_layers, storage_bytes
 
 # name -> the flags that differ from the preset (r = 8, alpha = 8, on attn,conv; 500 steps)
 LORA_RUNS = {
@@ -47,12 +51,21 @@ LORA_RUNS = {
     "conv only": ["--targets", "conv"],
 }
 STYLES = ("bold", "italic")
+QLORA_STYLES = ("none", "bold", "italic")  # quant's adapters: plain MNIST (a repair of the 4-bit model), then styles
 CONTROLNET_RUNS = {
     "skeleton, half the labels null (preset)": [],
     "a tenth of the labels null": ["--p-uncond", "0.1"],
     "copy frozen: hint and zero convs only": ["--freeze-copy"],
     "edges": ["--control", "edges"],
     "sketch": ["--control", "sketch"],
+}
+QUANT_RUNS = {  # quantize.py flags; the first is the model the adapter rows train on
+    "stem and last conv kept in fp16 (quantize.py's default)": [],
+    "every layer in NF4 (QLoRA's recipe)": ["--keep", "none"],
+    "every layer, constants in fp32": ["--keep", "none", "--no-double-quant"],
+    "every layer, blocks of 32": ["--keep", "none", "--block", "32"],
+    "stem and last conv kept, blocks of 32": ["--block", "32"],
+    "only the last conv kept": ["--keep", "out"],
 }
 BASE_RUNS = {
     "eps, Min-SNR-5 (preset)": [],
@@ -64,7 +77,7 @@ BASE_RUNS = {
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("study", choices=("lora", "base", "controlnet"), help="which ablation to run")
+    p.add_argument("study", choices=("lora", "base", "controlnet", "quant"), help="which ablation to run")
     p.add_argument("--base", default=SHIPPED_CHECKPOINT, help="the model the adapters adapt (lora)")
     p.add_argument("--per-digit", type=positive_int, default=100, help="samples per digit for every score")
     p.add_argument("--work", default="checkpoints/ablation", help="folder for the runs' files (overwritten)")
@@ -249,6 +262,123 @@ def conflict(args, device, judge, controlnet, n, control_of=3, label=8):
     return lines
 
 
+def quant_study(args, device, judge, labels):
+    """Each NF4 setting against the full-precision model at the same seeds; then adapters trained on the 4-bit
+    model (QLoRA) against adapters trained on the full-precision one; merging into 4 bits; the cost in time."""
+    full = load_sampler(args.base, device)
+    sampling, batch_size = sampling_for(full.checkpoint, full.diffusion, device)
+    draw = lambda model: generate(model, full.diffusion, labels, seed=0, batch_size=batch_size, **sampling)
+    x_full = draw(full.model)
+    read_full = classify(judge.classifier, x_full)[0]
+    score = judge(x_full, labels)
+    lines = ["| model (quantize.py flags) | bits a quantised weight | whole model, share of fp32 | layer error "
+             "| class accuracy | FID | digits that change class |", "|---" * 7 + "|",
+             f"| full precision (`{args.base}`) | 32 | 1 | | {100 * score['accuracy']:.2f}% | {score['fid']:.3f} | |"]
+    files = {}
+    for i, (name, flags) in enumerate(QUANT_RUNS.items()):
+        out = files[name] = os.path.join(args.work, f"nf4-{i}.pt")
+        print(f"== {name}", flush=True)
+        run_script(["quantize.py", "--base", args.base, "--out", out, "--force", *flags], device)
+        q = load_sampler(out, device)
+        x = draw(q.model)
+        r, read = judge(x, labels), classify(judge.classifier, x)[0]
+        size = quantised_size(full.model, q.model)
+        lines.append(f"| {name}{' (`' + ' '.join(flags) + '`)' if flags else ''} | {size['bits']:.3f} | "
+                     f"{size['share']:.3f} | {size['error']} | {100 * r['accuracy']:.2f}% | {r['fid']:.3f} | "
+                     f"{100 * (read != read_full).float().mean():.1f}% |")
+        print(f"   {lines[-1]}", flush=True)
+    nf4 = files[next(iter(QUANT_RUNS))]
+    notes = [f"FID real-data floor {score['fid_floor']:.3f}. Layer error: the range over the quantised layers of "
+             "||W - deq(W)|| / ||W||. Digits that change class: the share of the samples, drawn from the same noise, "
+             "that the classifier reads as another digit than the full-precision model's.", ""]
+    notes += qlora_rows(args, device, judge, labels, nf4, draw)
+    notes += ["", *forward_times(full.model, load_sampler(nf4, device).model, device)]
+    return lines, notes, describe(**sampling)
+
+
+def quantised_size(full, four_bit):
+    """Bits a quantised weight, the 4-bit model's share of the fp32 bytes (its rest in fp16), the error range."""
+    layers = four_bit_layers(four_bit)
+    weights = sum(math.prod(l.weight_4bit.shape) for l in layers.values())
+    nbytes = sum(storage_bytes(l) for l in layers.values())
+    total = sum(t.numel() for t in full.state_dict().values() if t.is_floating_point())
+    errors = [((full.get_submodule(p).weight - l.weight).norm() / full.get_submodule(p).weight.norm()).item()
+              for p, l in layers.items()]
+    return dict(bits=8 * nbytes / weights, share=(nbytes + 2 * (total - weights)) / (4 * total),
+                error=f"{100 * min(errors):.1f}-{100 * max(errors):.1f}%")
+
+
+def qlora_rows(args, device, judge, labels, nf4, draw):
+    """Adapters trained on the full-precision and on the 4-bit model, each scored on its base, the full-precision
+    one on the 4-bit model too; the bold 4-bit adapter merged (quantised again) against kept beside."""
+    per_style = labels[::2]  # style rows: half the digits, as evaluate.py --results scores adapters
+    lines = ["Adapters, each trained at the preset (`lora_finetune.py --style STYLE`, flags as in the table), scored "
+             f"on {len(per_style):,} samples against real digits of the style:\n",
+             "| style | adapter trained on | sampled on | fine-tuning (peak memory) | gap closed | class accuracy | FID | "
+             "share of the full-precision adapter's gap |", "|---" * 8 + "|"]
+    for style in QLORA_STYLES:
+        closed = {}
+        for trained, base in (("full", args.base), ("nf4", nf4)):
+            if style == "none" and trained == "full":
+                continue  # a plain-MNIST adapter on the model trained on plain MNIST learns nothing to measure
+            out = os.path.join(args.work, f"qlora-{style}-{trained}.pt")
+            print(f"== {style} adapter on {trained}", flush=True)
+            seconds, peak = run_script(["lora_finetune.py", "--base", base, "--out", out, "--style", style, "--force",
+                                     "--data-dir", args.data_dir, "--figures", args.work, *args.flags.split()], device)
+            cost = f"{seconds:.0f} s" + (f" ({peak:,.0f} MiB)" if peak else "")
+            for sampled in ((args.base, nf4) if trained == "full" else (nf4,)):
+                s = load_sampler(sampled, device, loras=[out])
+                if style == "none":  # scored like the NF4 models above: all the digits, no style
+                    r = judge(generate(s.model, s.diffusion, labels, seed=0, **sampling_kw(s, device)), labels)
+                    row = (f"| none: plain MNIST, LoftQ's idea ({len(labels):,} digits) | NF4 | NF4 | {cost} | | "
+                           f"{100 * r['accuracy']:.2f}% | {r['fid']:.3f} | |")
+                else:
+                    on = generate(s.model, s.diffusion, per_style, seed=0, **sampling_kw(s, device))
+                    set_lora(s.model, enabled=False)
+                    off = generate(s.model, s.diffusion, per_style, seed=0, **sampling_kw(s, device))
+                    r = judge.style_report(style, off, on, per_style)
+                    key = (trained, sampled)
+                    closed[key] = r["gap_closed"]
+                    ref = closed.get(("full", args.base))
+                    share = f"{100 * r['gap_closed'] / ref:.0f}%" if ref else ""
+                    row = (f"| {style} | {'NF4' if trained == 'nf4' else 'full precision'} | "
+                           f"{'NF4' if sampled == nf4 else 'full precision'} | {cost} | {100 * r['gap_closed']:.0f}% | "
+                           f"{100 * r['on']['accuracy']:.2f}% | {r['on']['fid']:.3f} | {share} |")
+                lines.append(row)
+                print(f"   {row}", flush=True)
+    merged = load_sampler(nf4, device, loras=[os.path.join(args.work, "qlora-bold-nf4.pt")], merge=True)
+    on = generate(merged.model, merged.diffusion, per_style, seed=0, **sampling_kw(merged, device))
+    base = load_sampler(nf4, device)
+    off = generate(base.model, base.diffusion, per_style, seed=0, **sampling_kw(base, device))
+    r = judge.style_report("bold", off, on, per_style)
+    lines.append(f"| bold, merged into NF4 (quantised again) | NF4 | NF4 | | {100 * r['gap_closed']:.0f}% | "
+                 f"{100 * r['on']['accuracy']:.2f}% | {r['on']['fid']:.3f} | |")
+    return lines
+
+
+def sampling_kw(s, device):
+    sampling, batch_size = sampling_for(s.checkpoint, s.diffusion, device)
+    return dict(sampling, batch_size=batch_size)
+
+
+@torch.inference_mode()
+def forward_times(full, four_bit, device, repeats=10):
+    """Milliseconds of one UNet forward at the sampling batch and at the training batch, full precision and NF4."""
+    lines = ["| UNet forward | full precision | NF4 (dequantised in the forward) |", "|---|---|---|"]
+    for batch in (200, 32):
+        x, t = torch.randn(batch, 1, 28, 28, device=device), torch.full((batch,), 500, device=device)
+        y = torch.arange(batch, device=device) % 10
+        cells = []
+        for model in (full, four_bit):
+            model(x, t, y)  # warm up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(x, t, y)
+            cells.append(f"{1000 * (time.perf_counter() - start) / repeats:.1f} ms")
+        lines.append(f"| batch {batch} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def base_sampler(path, device):
     s = load_sampler(path, device)
     return describe(**sampling_for(s.checkpoint, s.diffusion, device)[0])
@@ -258,22 +388,26 @@ def check_runs(args):
     """Every run's flags parse and agree, and none fights what the study sets itself, before the first run."""
     own = dict(lora=("--base", "--out", "--style", "--force", "--resume"),
                base=("--out", "--max-steps", "--resume", "--force"),
-               controlnet=("--base", "--out", "--max-steps", "--resume", "--force"))[args.study]
+               controlnet=("--base", "--out", "--max-steps", "--resume", "--force"),
+               quant=("--base", "--out", "--style", "--force", "--resume"))[args.study]
     clash = [f for f in args.flags.split() if f.split("=")[0] in own]
     if clash:
         hint = " (plan a shorter run with --total-steps)" if "--max-steps" in clash and args.study == "base" else ""
         raise ValueError(f"--flags: the study sets {', '.join(clash)} itself{hint}")
-    script, runs = dict(lora=(lora_finetune, LORA_RUNS), base=(train, BASE_RUNS),
-                        controlnet=(controlnet_train, CONTROLNET_RUNS))[args.study]
-    for name, flags in runs.items():
-        said = io.StringIO()
-        try:
-            with redirect_stderr(said):
-                parsed = script.parse_args([*args.flags.split(), *flags])
-        except SystemExit:
-            raise ValueError(f"--flags: the run '{name}' would fail: {said.getvalue().strip().removeprefix('error: ')}")
-        if args.study == "lora" and parsed.variant == "dora" and parsed.dropout:
-            raise ValueError(f"--flags: the run '{name}' takes no --dropout (DoRA forms the adapted weight itself)")
+    # (script, its runs, whether --flags go to them): quant's --flags go to its adapters, not to quantize.py
+    checks = dict(lora=[(lora_finetune, LORA_RUNS, True)], base=[(train, BASE_RUNS, True)],
+                  controlnet=[(controlnet_train, CONTROLNET_RUNS, True)],
+                  quant=[(quantize, QUANT_RUNS, False), (lora_finetune, {"adapters": []}, True)])[args.study]
+    for script, runs, with_flags_ in checks:
+        for name, flags in runs.items():
+            said = io.StringIO()
+            try:
+                with redirect_stderr(said):
+                    parsed = script.parse_args([*(args.flags.split() if with_flags_ else []), *flags])
+            except SystemExit:
+                raise ValueError(f"--flags: the run '{name}' would fail: {said.getvalue().strip().removeprefix('error: ')}")
+            if args.study == "lora" and parsed.variant == "dora" and parsed.dropout:
+                raise ValueError(f"--flags: the run '{name}' takes no --dropout (DoRA forms the adapted weight itself)")
 
 
 def main(argv=None):
@@ -281,7 +415,7 @@ def main(argv=None):
     out = args.out or f"docs/ablation-{args.study}.md"
     check_writable(out)
     check_runs(args)
-    if args.study in ("lora", "controlnet") and not os.path.isfile(args.base):
+    if args.study in ("lora", "controlnet", "quant") and not os.path.isfile(args.base):
         raise FileNotFoundError(f"--base {args.base} not found (train.py writes one; the shipped one is "
                                 f"{SHIPPED_CHECKPOINT})")
     device = pick_device(args.device)
@@ -289,7 +423,7 @@ def main(argv=None):
     judge = Judge(args.classifier, args.data_dir, device)
     labels = digit_labels(range(10), args.per_digit, device)
     start = time.time()
-    study = dict(lora=lora_study, base=base_study, controlnet=controlnet_study)[args.study]
+    study = dict(lora=lora_study, base=base_study, controlnet=controlnet_study, quant=quant_study)[args.study]
     lines, notes, sampler = study(args, device, judge, labels)
     header = [f"# Ablation: {args.study}\n",
               f"`python ablate.py {args.study}` on {hardware_name(device)}, PyTorch {torch.__version__}, "

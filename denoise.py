@@ -5,6 +5,7 @@
     python denoise.py --lora checkpoints/lora.pt --sweep     # the style fading in: scale 0 -> 1.5 (PNG and GIF)
     python denoise.py --ckpt pretrained/model.pt --lora pretrained/bold.pt pretrained/italic.pt --compare
     python denoise.py --export samples.npz --per-digit 1000  # for evaluate.py
+    python denoise.py --ckpt pretrained/model-nf4.pt --lora pretrained/bold-nf4.pt --compare --beside pretrained/model.pt
     python denoise.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt   # control | drawn
     python denoise.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt --control-from my.png
 
@@ -40,12 +41,15 @@ def parse_args(argv=None):
     p = Parser(__doc__ + presets_text())
     add_sampling_flags(p)
     p.add_argument("--merge", action="store_true",
-                   help="fold the adapters into the weights before sampling (same images, base model's speed)")
+                   help="fold the adapters into the weights before sampling (same images, base model's speed; "
+                        "into a 4-bit model's weights, quantised again with them, which is lossy)")
     p.add_argument("--compare", action="store_true",
                    help="also draw LoRA off | on from the same noise (FIGURES/compare_STYLE.png)")
     p.add_argument("--sweep", action="store_true",
                    help="also draw the adapters at scales 0 .. 1.5 from the same noise "
                         "(FIGURES/sweep_STYLE.png and an animated .gif)")
+    p.add_argument("--beside", metavar="CKPT", help="also draw the same digits from the same noise with another "
+                   "model (no adapters), as the first panel: e.g. the full-precision model beside its 4-bit copy")
     p.add_argument("--per-digit", type=positive_int, default=10, help="samples per digit")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="the averaged (default) or the last training weights")
@@ -71,8 +75,9 @@ def check_flags(args):
         raise ValueError(f"--export writes a NumPy .npz file; got {args.export}")
     if args.guidance_interval is not None:
         parse_interval(args.guidance_interval)
-    if args.controlnet and (args.sweep or args.process):
-        raise ValueError("--sweep and --process draw without the ControlNet's controls: leave them out with --controlnet")
+    if args.controlnet and (args.sweep or args.process or args.beside):
+        raise ValueError("--sweep, --process and --beside draw without the ControlNet's controls: leave them out with "
+                         "--controlnet")
 
 
 def output_paths(args, tag):
@@ -97,12 +102,16 @@ def main(argv=None):
     labels_wanted = (parse_digits(args.digits), args.per_digit)
     scales = lora_scales(args)
     device = pick_device(args.device)
-    loaded = load_sampler(default_checkpoint(args.ckpt), device, args.weights, args.lora, scales, merge=args.merge,
+    ckpt = default_checkpoint(args.ckpt)
+    loaded = load_sampler(ckpt, device, args.weights, args.lora, scales, merge=args.merge,
                           controlnet=args.controlnet)
     model, diffusion, adapters = loaded.model, loaded.diffusion, loaded.adapters
+    other = load_sampler(args.beside, device, args.weights) if args.beside else None
     controlnet = loaded.controlnet[0] if loaded.controlnet else None
     sampling, batch_size = sampling_settings(args, loaded.checkpoint, diffusion, device)
-    tag = "_".join(filter(None, [controlnet and f"controlnet-{controlnet.kind}", adapter_name(adapters)]))
+    four_bit = "quantized" in loaded.checkpoint  # its figures get names of their own: samples_nf4.png, ...
+    tag = "_".join(filter(None, ["nf4" if four_bit else "", controlnet and f"controlnet-{controlnet.kind}",
+                                 adapter_name(adapters)]))
     paths = output_paths(args, tag)
     digits, labels = labels_wanted[0], digit_labels(*labels_wanted, device)  # [D * per_digit]
     controls = control_inputs(args, controlnet, labels) if controlnet else None  # [N, 1, 28, 28] in {0, 1}
@@ -111,8 +120,8 @@ def main(argv=None):
     strength = f" x{args.control_scale:g}" if args.control_scale != 1 else ""
     name += (" merged" if args.merge else "") + (f", ControlNet {controlnet.kind}{strength}" if controlnet else "")
 
-    def draw(net, y=labels):
-        return generate(net, diffusion, y, seed=args.seed, batch_size=batch_size, controlnet=controlnet,
+    def draw(net, y=labels, schedule=diffusion):
+        return generate(net, schedule, y, seed=args.seed, batch_size=batch_size, controlnet=controlnet,
                         controls=controls, control_scale=args.control_scale, **sampling)
 
     def grid(images):  # [N, 1, 28, 28] -> [D, up to max_grid, 28, 28] uint8 on the host
@@ -124,16 +133,22 @@ def main(argv=None):
     print(f"sampled {len(x):,} digits ({name}) in {seconds:.2f} s on {device}")
     rows = [str(d) for d in digits]
     panels = {"": grid(x)} if controls is None else {"control": grid(controls * 2 - 1), "drawn": grid(x)}
+    beside = {os.path.basename(args.beside): grid(draw(other.model, schedule=other.diffusion))} if other else {}
+    if beside:
+        panels = {**beside, os.path.basename(ckpt) + (f" + {adapter_name(adapters)}" if adapters else ""): grid(x)}
     save_grid(paths["out"], panels, rows, title=name)
     images = to_uint8(x[:, 0]).cpu()  # [N, 28, 28], 0 = black background
     result = dict(seconds=seconds, images=images, labels=labels.cpu(),
-                  merged=any(layer.merged_scale is not None for layer in lora_layers(model)))
+                  merged=args.merge and all(layer.merged_scale is not None for layer in lora_layers(model)))
     if args.compare:  # the same seed with every adapter switched off: the difference is LoRA alone
         set_lora(model, enabled=False)
         off = draw(model)
         set_lora(model, enabled=True)
         result["off"] = to_uint8(off[:, 0]).cpu()
-        save_grid(paths["compare"], {"LoRA off": grid(off), f"LoRA on ({tag})": grid(x)}, rows, title=f"same seed, {name}")
+        on_what = f"{os.path.basename(ckpt)}, " if beside else ""  # beside another model: say which is which
+        save_grid(paths["compare"], {**beside, f"{on_what}LoRA off": grid(off),
+                                     f"{on_what}LoRA on ({adapter_name(adapters)})": grid(x)}, rows,
+                  title=f"same seed, {name}")
     if args.sweep:
         save_sweep(paths["sweep"], model, draw, digits, tag, name)
     if paths["process"]:

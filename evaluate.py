@@ -4,6 +4,7 @@
     python evaluate.py --ckpt checkpoints/model.pt --lora checkpoints/lora.pt --per-digit 200   # a style
     python evaluate.py --samples samples.npz                          # score denoise.py --export output
     python evaluate.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt --per-digit 100
+    python evaluate.py --ckpt pretrained/model-nf4.pt --lora pretrained/bold-nf4.pt --per-digit 100   # QLoRA
     python evaluate.py --results docs/results.md                      # re-score every shipped file
 
 The classifier is the committed pretrained/classifier.pt (trained by `python evaluate.py --classifier
@@ -89,6 +90,10 @@ RESULTS = [  # what the README quotes: (row, evaluate.py flags)
     ("skeleton ControlNet", f"{SHIPPED} --controlnet pretrained/controlnet-skeleton.pt --per-digit 100"),
     ("skeleton ControlNet + bold adapter",
      f"{SHIPPED} --controlnet pretrained/controlnet-skeleton.pt --lora pretrained/bold.pt --per-digit 100"),
+    ("the 4-bit model (NF4)", "--ckpt pretrained/model-nf4.pt --per-digit 200"),
+    ("the 4-bit model + the bold adapter trained on it (QLoRA)",
+     "--ckpt pretrained/model-nf4.pt --lora pretrained/bold-nf4.pt --per-digit 100"),
+    ("the 4-bit model + the full-precision bold adapter", "--ckpt pretrained/model-nf4.pt --lora pretrained/bold.pt --per-digit 100"),
 ]
 
 

@@ -15,6 +15,10 @@ A model checkpoint (kind "mnist-diffusion"):
     rng         the random-number state at the save, so a resumed run draws what the uninterrupted one would
     step, losses, seconds
 
+A 4-bit checkpoint (`quantized_file`, quantize.py) is a model checkpoint with the averaged weights only, its
+4-bit layers as packed codes and constants, and a `quantized` entry: the block size, double quantisation,
+the layers kept, and the fingerprint of the full-precision model it came from.
+
 An adapter file ("lora-adapter") holds the averaged adapter tensors, its config and the fingerprint of the
 base it was trained on; what --resume needs of an adapter run goes to a file of its own beside it
 (`resume_path`), written together with the adapter so that the two never disagree.
@@ -37,6 +41,7 @@ from torchvision.transforms.v2.functional import resize
 from model.adapters import inject_lora
 from model.controlnet import ControlNet
 from model.diffusion import Diffusion
+from model.quant import quantize_model
 from model.unet import UNet
 
 MODEL_KIND, ADAPTER_KIND, RESUME_KIND = "mnist-diffusion", "lora-adapter", "lora-resume"
@@ -187,11 +192,19 @@ def check_finite(tensors, path):
 def load_model(path, device="cpu", weights="ema"):
     """Rebuild the UNet and its Diffusion from a checkpoint. Returns (model, diffusion, checkpoint dict).
 
-    weights="ema" loads the averaged weights used for sampling; "model" the live training weights.
+    weights="ema" loads the averaged weights used for sampling; "model" the live training weights. A 4-bit
+    checkpoint (`quantized_file`) comes back with its 4-bit layers in place (model/quant.py).
     """
     ckpt = load_file(path, MODEL_KIND, device)
+    if weights not in ckpt and "config" in ckpt:
+        kept = "a 4-bit" if "quantized" in ckpt else "an exported"
+        raise ValueError(f"{path} holds no {weights!r} weights: {kept} checkpoint keeps only the averaged ones "
+                         "(sample with them, or --resume the full checkpoint train.py wrote)")
     try:
         model = UNet(**ckpt["config"]).to(device)
+        if "quantized" in ckpt:  # the layers' shapes first, then the stored codes and constants load into them
+            q = ckpt["quantized"]
+            quantize_model(model, int(q["block"]), bool(q["double_quant"]), tuple(q["keep"]))
         check_finite(ckpt[weights], path)
         missing, unexpected = model.load_state_dict(ckpt[weights], strict=False)
         if missing or unexpected:
@@ -211,6 +224,27 @@ def export_model(path, out, dtype=torch.float16):
     slim = {k: ckpt[k] for k in ("kind", "config", "diffusion", "preset", "train", "step")}
     slim["ema"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     save_file(slim, out)
+
+
+def quantized_file(path, block, double_quant, keep, device="cpu", dtype=torch.float16):
+    """A 4-bit checkpoint of the model at `path` (its averaged weights): the layers of quantize_model in NF4
+    (codes and fp32 constants), the rest in `dtype` as export_model writes it. It records how it was quantised
+    and the fingerprint of its full-precision source, so that an adapter trained on the source loads onto it
+    too. Returns (file dict, {path: 4-bit layer})."""
+    model, diffusion, ckpt = load_model(path, device)
+    source = fingerprint(model)
+    model, layers = quantize_model(model, block, double_quant, keep)
+    spec = dict(format="nf4", block=block, double_quant=double_quant, keep=list(keep), source_fingerprint=source)
+    slim = {k: ckpt[k] for k in ("kind", "config", "diffusion", "preset", "train", "step") if k in ckpt}
+    ema = {k: v.to(dtype) if v.is_floating_point() and ".weight_4bit." not in k else v
+           for k, v in model.state_dict().items()}
+    return dict(slim, ema=ema, quantized=spec), layers
+
+
+def base_fingerprints(model, checkpoint):
+    """The fingerprints an adapter or a ControlNet may have been trained on to fit `model`: its own, and for a
+    4-bit model that of the full-precision model it was quantised from."""
+    return (fingerprint(model), *([checkpoint["quantized"]["source_fingerprint"]] if "quantized" in checkpoint else []))
 
 
 # ---- adapters ------------------------------------------------------------------------------------
@@ -243,7 +277,8 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
     """Inject adapters into a model using the file's own config, then load the adapter tensors.
 
     The model must be the base the adapter was trained on: its fingerprint (of the weights without any
-    adapter; pass `base_fingerprint` when stacking a second adapter) must match the file's. Refuses, with a
+    adapter; pass `base_fingerprint` when stacking a second adapter, or several that may match) must match
+    the file's. Refuses, with a
     one-line error, a file from another base, or one whose tensors do not fit the layers it describes.
     Returns (adapter file dict, {path: adapter layer}).
     """
@@ -254,10 +289,11 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
         alpha, targets = float(config["alpha"]), tuple(config["targets"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is a damaged adapter file (missing {e})")
-    this_fp = base_fingerprint or fingerprint(model)
-    if base_fp != this_fp:
+    accepted = base_fingerprint or fingerprint(model)
+    accepted = (accepted,) if isinstance(accepted, str) else tuple(accepted)
+    if base_fp not in accepted:
         raise ValueError(f"{path} was trained on a different base model (fingerprint {base_fp}, this "
-                         f"checkpoint is {this_fp}): give --ckpt the model it was trained on")
+                         f"checkpoint is {accepted[0]}): give --ckpt the model it was trained on")
     layers = inject_lora(model, targets, rank, alpha, float(config.get("dropout", 0.0)),
                          config.get("variant", "lora"), bool(config.get("rslora", False)))
     expected = {k: v.shape for k, v in adapter_tensors(layers).items()}

@@ -19,11 +19,12 @@ from model.adapters import merge_lora
 from model.controlnet import Controlled
 from model.controls import control_image
 from model.data import load_mnist
+from model.quant import merge_requantized
 from model.training import autocast
 
 from .cli import at_most, fraction, nonnegative_float, positive_int, prepare_model, seed_int
 from .config import PRESETS, preset_for, preset_named, with_flags
-from .files import fingerprint, load_controlnet, load_lora, load_model, read_drawing
+from .files import base_fingerprints, load_controlnet, load_lora, load_model, read_drawing
 
 # Where the scripts look for a model when --ckpt is not given: your own, else the one that ships.
 OWN_CHECKPOINT, SHIPPED_CHECKPOINT = "checkpoints/model.pt", "pretrained/model.pt"
@@ -186,12 +187,17 @@ class Sampler:
 
 def load_sampler(ckpt, device, weights="ema", loras=(), scales=None, merge=False, controlnet=None):
     """The model to sample from: a checkpoint's weights, with any number of LoRA adapters stacked on it,
-    each at its own scale (and folded into the weights with `merge`), and the ControlNet file `controlnet`
-    (built on the base before any adapter goes in: the adapters then act on the locked UNet it steers)."""
+    each at its own scale (and folded into the weights with `merge`; on a 4-bit base, quantised again with
+    them), and the ControlNet file `controlnet` (built on the base before any adapter goes in: the adapters
+    then act on the locked UNet it steers)."""
     model, diffusion, checkpoint = load_model(ckpt, device, weights=weights)
+    four_bit = "quantized" in checkpoint
+    if four_bit and controlnet:
+        raise ValueError(f"{ckpt} is a 4-bit model, and a ControlNet is a copy of its base's encoder in full precision: "
+                         "give --ckpt the model the ControlNet was trained on")
     model = prepare_model(model.eval(), device)
-    base_fp = fingerprint(model)  # every adapter must have been trained on this base, not on base + another
-    control = load_controlnet(controlnet, model, device, base_fp) if controlnet else None
+    base_fp = base_fingerprints(model, checkpoint)  # every adapter must fit this base, not base + another
+    control = load_controlnet(controlnet, model, device, base_fp[0]) if controlnet else None
     adapters = []
     for path, scale in zip(loras, scales or [1.0] * len(loras)):
         adapter, layers = load_lora(model, path, device, base_fingerprint=base_fp)
@@ -199,7 +205,7 @@ def load_sampler(ckpt, device, weights="ema", loras=(), scales=None, merge=False
             layer.scale = scale
         adapters.append((adapter, layers))
     if merge:
-        merge_lora(model)
+        merge_requantized(model) if four_bit else merge_lora(model)
     return Sampler(model, diffusion, checkpoint, adapters, control)
 
 

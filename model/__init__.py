@@ -13,6 +13,9 @@ Read it in this order, one chapter per file:
     lora.py        low-rank adaptation of a linear or conv layer (LoRA, LoCon, rsLoRA)
     dora.py        DoRA: a learned magnitude beside LoRA's direction
     adapters.py    adapters put into a model: targets, on/off, blending, stacking, merging, LoRA+
+    controls.py    the shapes a ControlNet follows: skeleton, edges, sketch
+    controlnet.py  a ControlNet: the locked UNet steered by a trainable copy of its encoder, zero convs
+    quant.py       QLoRA's 4-bit base: NF4, blockwise absmax, double quantisation, 4-bit layers
 
 Nothing here imports the harness (harness/: presets, command line, files, metrics, figures).
 """

@@ -41,7 +41,8 @@ def inject_lora(model, targets=("attn",), rank=4, alpha=4.0, dropout=0.0, varian
         if isinstance(module, LoraBase):
             continue  # its children are the layer it wraps; the wrapper itself is what gets stacked on
         for name, child in list(module.named_children()):
-            kind = VARIANTS[variant].get(type(bottom(child)))
+            base = bottom(child)  # a 4-bit layer (quant.py) `stores` a Linear or a Conv2d, and is adapted as one
+            kind = VARIANTS[variant].get(getattr(base, "stores", type(base)))
             if name not in target_names(targets) or kind is None:
                 continue
             if isinstance(child, DoraMixin):

@@ -46,6 +46,7 @@ class DoraMixin:
     @torch.no_grad()
     def merge(self):
         if self.merged_scale is None and self.enabled:
+            self.check_mergeable()
             self.unmerged_weight = self.weight.clone()
             self.weight.copy_(self.adapted_weight(self.scale))
             self.merged_scale = self.scale

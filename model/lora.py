@@ -80,10 +80,17 @@ class LoraBase(nn.Module):
             h = h + (self.gamma * self.scale) * self.update(self.dropout(x))
         return h
 
+    def check_mergeable(self):
+        """Merging writes into W0, so W0 must be a stored weight: a 4-bit layer (quant.py) only dequantises one."""
+        if not isinstance(self.weight, nn.Parameter):
+            raise ValueError("this adapter sits on a 4-bit layer: merging would quantise W0 + dW again, which is lossy "
+                             "(quant.merge_requantized does it on purpose)")
+
     @torch.no_grad()
     def merge(self):
         """W0 <- W0 + dW: zero-overhead inference. A disabled adapter merges nothing."""
         if self.merged_scale is None and self.enabled:
+            self.check_mergeable()
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
             self.merged_scale = self.scale
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the shipped files from scratch on a CPU (about 20 minutes on 2 cores): the cpu preset's
-# model (fp16 averaged weights only), one adapter per style and the skeleton ControlNet, trained on that file.
+# model (fp16 averaged weights only), one adapter per style and two ControlNets, trained on that file, and
+# its 4-bit copy with a bold adapter trained on it (QLoRA).
 # The evaluation classifier (classifier.pt) is trained by `python evaluate.py --classifier PATH` when
 # PATH does not exist; it is kept as it is here, since every FID depends on it.
 set -euo pipefail
@@ -24,3 +25,7 @@ for control in skeleton sketch; do  # the thinnest control and the coarsest
     --force --figures checkpoints/figures
   rm -f "pretrained/controlnet-$control.pt.resume"
 done
+python quantize.py --base pretrained/model.pt --out pretrained/model-nf4.pt --force
+python lora_finetune.py --base pretrained/model-nf4.pt --style bold --out pretrained/bold-nf4.pt --force \
+  --figures checkpoints/figures
+rm -f pretrained/bold-nf4.pt.resume

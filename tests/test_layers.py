@@ -5,7 +5,7 @@ import glob
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train", "lora_finetune", "controlnet_train", "denoise", "evaluate", "bench", "ablate")
+SCRIPTS = ("train", "lora_finetune", "controlnet_train", "quantize", "denoise", "evaluate", "bench", "ablate")
 
 
 def project_imports(path, package):

@@ -6,7 +6,7 @@ import re
 import shlex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train", "lora_finetune", "controlnet_train", "denoise", "evaluate", "bench", "ablate")
+SCRIPTS = ("train", "lora_finetune", "controlnet_train", "quantize", "denoise", "evaluate", "bench", "ablate")
 
 
 def documented_commands():

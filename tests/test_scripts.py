@@ -454,7 +454,8 @@ def test_corrupt_data_is_a_one_line_error(tmp_path):
     _one_line_error(_cli("train.py", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x.pt")), "corrupt")
 
 
-@pytest.mark.parametrize("script", ["train", "lora_finetune", "controlnet_train", "denoise", "evaluate", "bench"])
+@pytest.mark.parametrize("script", ["train", "lora_finetune", "controlnet_train", "quantize", "denoise", "evaluate",
+                                    "bench"])
 def test_help_explains_every_flag(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit) as exit_:

@@ -182,3 +182,23 @@ def test_the_lora_ablation_trains_and_scores_each_row(data_dir, tmp_path, monkey
     with pytest.raises(ValueError, match="lora_finetune.py .* failed: error: .*rank"):  # a run that fails: one line
         ablate.main([*common, "--flags", "--rank 100 --max-steps 1 --batch-size 16"])
     assert out.read_text() == before
+
+
+def test_the_quant_ablation_scores_each_4bit_model_and_the_adapters_on_it(data_dir, tmp_path, monkeypatch):
+    import ablate
+    base = str(tmp_path / "model.pt")
+    train.main(["--data-dir", data_dir, "--out", base, "--channels", "16,32,32", "--batch-size", "16",
+                "--max-steps", "2", "--device", "cpu", "--figures", str(tmp_path / "fig")])
+    monkeypatch.setattr(ablate, "QUANT_RUNS", {"default": [], "every layer, blocks of 32": ["--keep", "none", "--block", "32"]})
+    monkeypatch.setattr(ablate, "QLORA_STYLES", ("bold",))
+    common = ["quant", "--base", base, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu", "--work",
+              str(tmp_path / "work"), "--out", str(tmp_path / "quant.md"),
+              "--classifier", os.path.join(os.path.dirname(ablate.__file__), "pretrained", "classifier.pt")]
+    with pytest.raises(ValueError, match="sets --base itself"):
+        ablate.main([*common, "--flags", "--base x.pt"])
+    text = ablate.main([*common, "--flags", "--max-steps 1 --batch-size 16"])
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert float(rows["| default"][1]) < 4.2 < float(rows["| every layer, blocks of 32 (`--keep none --block 32`)"][1])
+    assert torch.load(tmp_path / "work" / "nf4-1.pt", weights_only=True)["quantized"]["block"] == 32
+    bold = [line for line in text.splitlines() if line.startswith("| bold |")]
+    assert len(bold) == 3 and "merged into NF4" in text and "batch 32" in text  # the forward times
