@@ -23,8 +23,8 @@ from harness.files import MODEL_KIND, load_file, load_model, quantized_file, sav
 from harness.sampling import default_checkpoint
 from model.quant import BLOCK, quantize_model, storage_bytes
 
-# The first and the last convolution, 144 weights each, are kept in fp16: in NF4 they cost the samples more
-# than all the other layers together (docs/quantization.md).
+# The first and the last convolution, the layers that touch pixels, stay in fp16: they are where 4 bits cost
+# the samples most (measured in docs/quantization.md).
 KEEP = ("stem", "out")
 MAX_BLOCK = 4096  # past a few thousand weights a block is one constant for a whole layer: no longer blockwise
 
