@@ -190,7 +190,9 @@ def test_two_adapters_stack_scale_and_unmerge_exactly(tmp_path):
     with_both = run(model)
     for layer in layers_b.values():
         layer.scale = 0.0
-    assert (run(model) - run(attn_model)).abs().max() < 1e-6  # the second adapter at scale 0: the first alone
+    # the second adapter at scale 0: the first alone, up to float rounding (its convs run as one conv with W0 + 0 dW,
+    # which another CPU's kernels may sum in another order)
+    assert (run(model) - run(attn_model)).abs().max() < 1e-5
     for layer in layers_b.values():
         layer.scale = 1.0
     assert not torch.equal(with_both, run(attn_model)) and not torch.equal(with_both, run(both_model))
