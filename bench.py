@@ -25,7 +25,7 @@ import lora_finetune  # noqa: E402
 import train  # noqa: E402
 from harness.cli import (OUTPUTS, Parser, check_new_output, check_writable, fused_adamw, hardware_name,  # noqa: E402
                          pick_device, positive_int, prepare_model, run_cli)
-from harness.config import PRESETS, TrainConfig, preset_for  # noqa: E402
+from harness.config import PRESETS, TrainConfig, preset_for, sample_config  # noqa: E402
 from harness.figures import save_grid  # noqa: E402
 from harness.files import resume_path  # noqa: E402
 from harness.metrics import FLOOR_DRAWS, Judge  # noqa: E402
@@ -166,7 +166,7 @@ class Bench:
         plain, adapted = load_sampler(a.ckpt, device), load_sampler(a.ckpt, device, loras=[a.lora])
         self.model, self.diffusion, ckpt = plain.model, plain.diffusion, plain.checkpoint
         self.lora_model, self.adapters = adapted.model, adapted.adapters
-        preset = PRESETS[ckpt.get("preset") or preset_for(device)]["sample"]
+        preset = sample_config(ckpt, device)
         guidance = preset.guidance if a.guidance is None else a.guidance
         self.default = dict(sampler="ddim", steps=preset.steps, eta=preset.eta, guidance=guidance)
         interval = parse_interval(a.guidance_interval or preset.guidance_interval)

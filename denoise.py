@@ -6,6 +6,7 @@
     python denoise.py --ckpt pretrained/model.pt --lora pretrained/bold.pt pretrained/italic.pt --compare
     python denoise.py --export samples.npz --per-digit 1000  # for evaluate.py
     python denoise.py --ckpt pretrained/model-nf4.pt --lora pretrained/bold-nf4.pt --compare --beside pretrained/model.pt
+    python denoise.py --ckpt pretrained/dit.pt --beside pretrained/model.pt     # the Diffusion Transformer beside the UNet
     python denoise.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt   # control | drawn
     python denoise.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt --control-from my.png
 
@@ -109,9 +110,11 @@ def main(argv=None):
     other = load_sampler(args.beside, device, args.weights) if args.beside else None
     controlnet = loaded.controlnet[0] if loaded.controlnet else None
     sampling, batch_size = sampling_settings(args, loaded.checkpoint, diffusion, device)
-    four_bit = "quantized" in loaded.checkpoint  # its figures get names of their own: samples_nf4.png, ...
-    tag = "_".join(filter(None, ["nf4" if four_bit else "", controlnet and f"controlnet-{controlnet.kind}",
-                                 adapter_name(adapters)]))
+    # A DiT's and a 4-bit model's figures get names of their own (samples_dit.png, compare_nf4_bold.png, ...),
+    # so that they never replace the UNet's.
+    dit, four_bit = loaded.checkpoint.get("backbone") == "dit", "quantized" in loaded.checkpoint
+    tag = "_".join(filter(None, ["dit" if dit else "", "nf4" if four_bit else "",
+                                 controlnet and f"controlnet-{controlnet.kind}", adapter_name(adapters)]))
     paths = output_paths(args, tag)
     digits, labels = labels_wanted[0], digit_labels(*labels_wanted, device)  # [D * per_digit]
     controls = control_inputs(args, controlnet, labels) if controlnet else None  # [N, 1, 28, 28] in {0, 1}

@@ -6,7 +6,8 @@
     python lora_finetune.py --variant dora            # or --rslora, or --lr-ratio 16 (LoRA+)
 
 Loads the base model (its averaged weights, the ones we sample with), wraps the layers named by --targets
-in LoRA layers (model/adapters.py: `attn` = the cross-attention w_q, w_k, w_v; `conv` = the ResBlock convs),
+in LoRA layers (model/adapters.py: `attn` = the attention's w_q, w_k, w_v; `conv` = the ResBlock convs; on a
+Diffusion Transformer `mlp` = its MLPs, and the default is attn,w_o,mlp),
 freezes everything else and runs the training step of train.py over the adapter alone, on MNIST redrawn in
 --style (model/styles.py), with the objective the base was trained with. The output file holds only the
 adapter: its tensors (averaged, as for the base), its config (rank, alpha, targets, style) and the base
@@ -21,7 +22,7 @@ import torch
 
 from harness.cli import (Parser, add_training_flags, at_most, below_one, check_new_output, check_writable, fused_adamw,
                          pick_device, positive_float, positive_int, prepare_model, run_cli, seed_everything)
-from harness.config import (PRESETS, LoraConfig, base_train_config, objective_on, preset_for, preset_named, resumed_config,
+from harness.config import (DIT_LORA_TARGETS, PRESETS, LoraConfig, base_train_config, objective_on, preset_for, preset_named, resumed_config,
                             with_flags)
 from harness.figures import save_loss_curve
 from harness.files import (ADAPTER_KIND, RESUME_KIND, adapter_file, checksum, fingerprint, load_file, load_model, resume_path,
@@ -84,6 +85,8 @@ def resolve_config(args, base, saved, base_fp, preset):
                              "start over with --force")
         return resumed_config(LoraConfig(**saved["config"]), args)
     config = with_flags(preset_named(preset)["lora"], args)
+    if base.get("backbone") == "dit" and args.targets is None:
+        config = replace(config, targets=DIT_LORA_TARGETS)
     if config.min_snr_gamma is None:  # train on the objective the base was trained with
         config = replace(config, min_snr_gamma=base_train_config(base).min_snr_gamma)
     if config.variant == "dora" and config.dropout > 0:
@@ -142,7 +145,8 @@ def main(argv=None):
     save_loss_curve(os.path.join(args.figures, "loss_lora.png"), run.losses,
                     title=f"LoRA fine-tuning loss ({config.style})")
     print(f"wrote {os.path.join(args.figures, 'loss_lora.png')}")
-    return dict(seconds=elapsed, trainable=trainable, total=total, lora_bytes=lora_size, base_bytes=base_size)
+    return dict(seconds=elapsed, trainable=trainable, total=total, layers=len(layers), lora_bytes=lora_size,
+                base_bytes=base_size)
 
 
 def restore_adapter(saved, parameters, optimizer, device):

@@ -26,6 +26,7 @@ from model.quant import BLOCK, quantize_model, storage_bytes
 # The first and the last convolution, the layers that touch pixels, stay in fp16: they are where 4 bits cost
 # the samples most (measured in docs/quantization.md).
 KEEP = ("stem", "out")
+DIT_KEEP = ("embed", "final.linear")  # a DiT's layers that touch pixels: the patch embedding and the last linear
 MAX_BLOCK = 4096  # past a few thousand weights a block is one constant for a whole layer: no longer blockwise
 
 
@@ -36,8 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--block", type=even_block, default=BLOCK, help="weights per absmax constant (an even number)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="keep the block constants in fp32 instead of quantising them to 8 bits")
-    p.add_argument("--keep", type=layer_names, default=KEEP,
-                   help="layers to leave in full precision, comma-separated: names (stem, t_proj, w_q), paths "
+    p.add_argument("--keep", type=layer_names,
+                   help=f"layers to leave in full precision (default {','.join(KEEP)}; on a DiT {','.join(DIT_KEEP)}), "
+                        "comma-separated: names (stem, t_proj, w_q), paths "
                         "(out.2) or modules (time_mlp, mid_attn); none quantises every layer")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
@@ -65,6 +67,8 @@ def main(argv=None):
     check_new_output(False, args.force, args.out)
     if "quantized" in load_file(base, MODEL_KIND):
         raise ValueError(f"{base} is already a 4-bit model: quantise the full-precision checkpoint it came from")
+    if args.keep is None:
+        args.keep = DIT_KEEP if load_file(base, MODEL_KIND).get("backbone") == "dit" else KEEP
     device = pick_device(args.device)
     contents, layers = quantized_file(base, args.block, args.double_quant, args.keep, device)
     save_file(contents, args.out)

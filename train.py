@@ -3,6 +3,7 @@
     python train.py                      # the preset for this machine: minutes on a CPU, a minute on a GPU
     python train.py --preset gpu         # the full-size run, wherever you are
     python train.py --max-steps 200      # stop early (a smoke run); --resume --max-steps 400 goes on
+    python train.py --backbone dit --out checkpoints/dit.pt   # a Diffusion Transformer instead of the UNet
 
 Writes the checkpoint (--out), outputs/loss.png (the training loss) and outputs/forward_noising.png (one
 digit pushed through the forward process). Ctrl-C saves a checkpoint after the step in flight; --resume
@@ -17,33 +18,41 @@ import torch
 
 from harness.cli import (PRESET_HELP, Parser, add_training_flags, channel_list, check_new_output, check_writable,
                          fused_adamw, level_list, pick_device, positive_int, prepare_model, run_cli, seed_everything)
-from harness.config import PRESETS, TrainConfig, preset_for, resumed_config, with_flags
+from harness.config import PRESETS, TrainConfig, describe, network, preset_for, resumed_config, with_flags
 from harness.figures import save_grid, save_loss_curve
 from harness.files import load_model, model_file, save_file
 from harness.runs import Run, plan_run, restore, training_state
 from model.data import batches, load_mnist
 from model.diffusion import Diffusion
 from model.ema import EMA
+from model.dit import LABEL_IN
 from model.training import lr_at, train_step
-from model.unet import UNet
 
 
 def parse_args(argv=None):
     p = Parser(__doc__)
     p.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto", help=PRESET_HELP)
     p.add_argument("--out", default="checkpoints/model.pt", help="checkpoint to write (and to --resume)")
-    add_training_flags(p, "the UNet")
+    add_training_flags(p, "the network")
+    p.add_argument("--backbone", choices=("unet", "dit"), help="the network: the UNet (default) or a Diffusion "
+                                                                 "Transformer, with its own preset (model/dit.py)")
+    p.add_argument("--patch", type=int, choices=(2, 4, 7, 14), help="DiT: patch size, (28 / patch)^2 tokens "
+                                                                    "(default: the preset's)")
+    p.add_argument("--width", type=positive_int, help="DiT: token width, a multiple of 4 (default: the preset's)")
+    p.add_argument("--depth", type=positive_int, help="DiT: number of blocks (default: the preset's)")
+    p.add_argument("--label-in", choices=LABEL_IN, help="DiT: how the label gets in: the adaptive norm with zero "
+                                                        "gates, cross-attention, or extra tokens (default adaln-zero)")
     p.add_argument("--channels", type=channel_list, help="UNet widths at 28x28, 14x14 and 7x7, e.g. 16,32,64")
     p.add_argument("--attn-levels", type=level_list,
                    help="levels whose blocks read the label by cross-attention: 0 = 28x28, 1 = 14x14, 2 = 7x7, "
                         "comma-separated, or none (the middle block always does; default: the preset's)")
     p.add_argument("--T", type=positive_int, help=f"number of diffusion steps (default {TrainConfig.T})")
-    p.add_argument("--prediction", choices=("eps", "v"), help="what the UNet learns to predict: the noise eps "
+    p.add_argument("--prediction", choices=("eps", "v"), help="what the network learns to predict: the noise eps "
                                                                 "or the velocity v (default: the preset's)")
     p.add_argument("--t-sampling", choices=("uniform", "logit-normal"),
                    help="how training draws the step t: uniform, or logit-normal, the middle steps more often "
                         f"(default: the preset's; {PRESETS['cpu']['train'].t_sampling} on a CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slower start)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA; slower start)")
     return p.parse_args(argv)
 
 
@@ -52,7 +61,14 @@ def resolve_config(args, device, saved=None):
     if saved is not None:
         return saved["preset"], resumed_config(TrainConfig(**saved["train"]), args)
     preset = preset_for(device) if args.preset == "auto" else args.preset
-    return preset, with_flags(PRESETS[preset]["train"], args)
+    dit = args.backbone == "dit"
+    wrong = [f for f in (("channels", "attn_levels") if dit else ("patch", "width", "depth", "label_in"))
+             if getattr(args, f) is not None]
+    if wrong:
+        flags = ", ".join("--" + f.replace("_", "-") for f in wrong)
+        raise ValueError(f"{flags} shape{'s' if len(wrong) == 1 else ''} the {'UNet' if dit else 'DiT'}: leave "
+                         f"{'it' if len(wrong) == 1 else 'them'} out, or {'drop' if dit else 'add'} --backbone dit")
+    return preset, with_flags(PRESETS[preset]["dit" if dit else "train"], args)
 
 
 def main(argv=None):
@@ -71,14 +87,14 @@ def main(argv=None):
 
     images, labels = load_mnist(args.data_dir, train=True, device=device)
     total_steps, stop_at = plan_run(len(images), config, args.max_steps, saved and saved["step"])
-    print(f"preset {preset}: UNet {','.join(map(str, config.channels))}, {total_steps:,} steps of {config.batch_size} "
+    print(f"preset {preset}: {describe(config)}, {total_steps:,} steps of {config.batch_size} "
           f"images ({len(images):,} on {device}), lr {config.lr:g}, t drawn {config.t_sampling}, "
           f"predicting {config.prediction}")
 
     if saved is None:
-        model = UNet(channels=config.channels, attn_levels=config.attn_levels).to(device)
+        model = network(config).to(device)
         diffusion = Diffusion(T=config.T, prediction=config.prediction)
-    print(f"UNet: {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters")
     model = prepare_model(model, device)
     ema = EMA(model, config.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, fused=fused_adamw(device))

@@ -1,6 +1,6 @@
 """Run configurations: every setting of a run in one dataclass, and the two presets that fill them in.
 
-    TrainConfig   what train.py runs: the UNet's size and the optimisation (saved in the checkpoint)
+    TrainConfig   what train.py runs: the network's size and the optimisation (saved in the checkpoint)
     LoraConfig    what lora_finetune.py runs: the adapter and its optimisation (saved beside the adapter)
     ControlConfig what controlnet_train.py runs: the control and the optimisation (saved in the ControlNet file)
     SampleConfig  how denoise.py and evaluate.py sample by default
@@ -9,14 +9,23 @@ A *preset* is one of each, sized for a machine. `cpu` is the design point: a 2-c
 which the three scripts finish in minutes. `gpu` is the full-size run for one CUDA GPU. train.py picks the
 preset from the device (`--preset auto`) and records its name in the checkpoint; lora_finetune.py and
 denoise.py then follow the checkpoint's preset. Any flag given on the command line wins over the preset.
+Each preset trains a UNet (`train`) or, with `--backbone dit`, a Diffusion Transformer (`dit`).
 """
 from dataclasses import dataclass, fields, replace
+
+from model.dit import DiT
+from model.unet import UNet
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    backbone: str = "unet"            # the network: the UNet (model/unet.py) or a Diffusion Transformer (dit.py)
     channels: tuple = (64, 128, 128)  # UNet widths at 28x28, 14x14, 7x7
     attn_levels: tuple = (1, 2)       # levels with cross-attention (0 = 28x28); the middle always has it
+    patch: int = 4                    # DiT patch size: (28 / patch)^2 tokens
+    width: int = 64                   # DiT token width
+    depth: int = 4                    # DiT blocks
+    label_in: str = "adaln-zero"      # the DiT's way in for the label: adaln-zero, cross-attn or in-context
     T: int = 1000                     # diffusion steps
     epochs: int = 12                  # passes over the training images: the learning-rate schedule's length
     total_steps: int = 0              # optimizer steps in all, if set: overrides `epochs`
@@ -52,6 +61,10 @@ class LoraConfig:
     seed: int = 0
 
 
+# A DiT has no convolutions: its adapters take the attention (projections and output) and the MLPs.
+DIT_LORA_TARGETS = ("attn", "w_o", "mlp")
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     control: str = "skeleton"         # what the ControlNet follows: edges, skeleton or sketch (model/controls.py)
@@ -77,19 +90,26 @@ class SampleConfig:
 
 
 PRESETS = {
-    "gpu": dict(train=TrainConfig(), lora=LoraConfig(epochs=3, batch_size=512), control=ControlConfig(epochs=3),
-                sample=SampleConfig()),
+    "gpu": dict(train=TrainConfig(),
+                dit=TrainConfig(backbone="dit", patch=2, width=256, depth=8, t_sampling="logit-normal"),
+                lora=LoraConfig(epochs=3, batch_size=512), control=ControlConfig(epochs=3),
+                sample=SampleConfig(), dit_sample=SampleConfig()),
     # The small model trains for one epoch. It draws the middle steps, where a digit takes shape, more often
     # (logit-normal t), warms up longer to steady its first steps, and reads the label at 7x7 and in the
     # middle only: attention at 14x14 cost time and bought nothing measurable (docs/cpu.md).
     "cpu": dict(train=TrainConfig(channels=(16, 32, 64), attn_levels=(2,), epochs=1, batch_size=32, lr=4e-3,
                                   warmup=200, t_sampling="logit-normal"),
+                # The DiT is cheaper per image than the UNet but needs more steps (docs/dit.md).
+                dit=TrainConfig(backbone="dit", patch=4, width=64, depth=4, total_steps=7500, batch_size=32,
+                                lr=2e-3, warmup=200, t_sampling="logit-normal"),
                 lora=LoraConfig(total_steps=500, batch_size=32, lr=4e-3),
                 control=ControlConfig(total_steps=1500, batch_size=32, lr=2e-3),
                 # The small model needs guidance on the noisiest steps too: from t = 82 (sigma 0.28) to the top.
                 # Fresh noise at every step (eta 1) undoes some of the small model's errors, so less guidance
                 # reaches the same class accuracy, and the digits vary more (docs/cpu.md).
-                sample=SampleConfig(steps=20, eta=1.0, guidance=1.3, guidance_interval="82,999", batch_size=200)),
+                sample=SampleConfig(steps=20, eta=1.0, guidance=1.3, guidance_interval="82,999", batch_size=200),
+                # The DiT reads the label less surely than the UNet after its minutes: more guidance (docs/dit.md).
+                dit_sample=SampleConfig(steps=20, eta=1.0, guidance=3.0, guidance_interval="82,999", batch_size=200)),
 }
 
 
@@ -112,6 +132,26 @@ def preset_named(name):
         raise ValueError(f"unknown preset {name!r} (this version knows {', '.join(PRESETS)}); the checkpoint may be "
                          "from another version: retrain it, or sample with --steps, --eta and --guidance given")
     return PRESETS[name]
+
+
+def network(config):
+    """A fresh, seeded-by-the-caller network for a TrainConfig: its backbone at its size."""
+    if config.backbone == "dit":
+        return DiT(patch=config.patch, width=config.width, depth=config.depth, label_in=config.label_in)
+    return UNet(channels=config.channels, attn_levels=config.attn_levels)
+
+
+def describe(config):
+    """The network of a TrainConfig in a few words, for the scripts' first line."""
+    if config.backbone == "dit":
+        return f"DiT ({config.label_in}, patch {config.patch}, width {config.width}, depth {config.depth})"
+    return f"UNet {','.join(map(str, config.channels))}"
+
+
+def sample_config(checkpoint, device):
+    """How a checkpoint samples by default: its preset's sampler for its backbone (a DiT has its own)."""
+    preset = preset_named(checkpoint.get("preset") or preset_for(device))
+    return preset["dit_sample"] if checkpoint.get("backbone") == "dit" else preset["sample"]
 
 
 def preset_for(device):

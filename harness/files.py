@@ -6,7 +6,8 @@ everything else in it, checked on load, so a damaged file is refused instead of 
 
 A model checkpoint (kind "mnist-diffusion"):
 
-    config      the UNet's constructor arguments (enough to rebuild it without guessing)
+    backbone    which network: 'unet' (model/unet.py) or 'dit' (model/dit.py); files before it held a UNet
+    config      the network's constructor arguments (enough to rebuild it without guessing)
     diffusion   the schedule (T, beta_start, beta_end, prediction)
     model, ema  state_dicts of the live and the averaged weights
     optimizer   the optimizer's state_dict, so --resume continues exactly
@@ -41,8 +42,11 @@ from torchvision.transforms.v2.functional import resize
 from model.adapters import inject_lora
 from model.controlnet import ControlNet
 from model.diffusion import Diffusion
+from model.dit import DiT
 from model.quant import quantize_model
 from model.unet import UNet
+
+BACKBONES = {"unet": UNet, "dit": DiT}
 
 MODEL_KIND, ADAPTER_KIND, RESUME_KIND = "mnist-diffusion", "lora-adapter", "lora-resume"
 CONTROLNET_KIND, CONTROLNET_RESUME_KIND = "controlnet", "controlnet-resume"
@@ -178,7 +182,8 @@ def fingerprint(model):
 
 def model_file(model, ema, diffusion, optimizer, preset, train, state):
     """A model checkpoint's contents; `state` is training_state() (runs.py): step, losses, seconds, rng."""
-    return dict(kind=MODEL_KIND, config=model.config, diffusion=diffusion.config(), model=model.state_dict(),
+    backbone = next(name for name, cls in BACKBONES.items() if isinstance(model, cls))
+    return dict(kind=MODEL_KIND, backbone=backbone, config=model.config, diffusion=diffusion.config(), model=model.state_dict(),
                 ema=ema.model.state_dict(), optimizer=optimizer.state_dict(), preset=preset, train=train, **state)
 
 
@@ -190,7 +195,7 @@ def check_finite(tensors, path):
 
 
 def load_model(path, device="cpu", weights="ema"):
-    """Rebuild the UNet and its Diffusion from a checkpoint. Returns (model, diffusion, checkpoint dict).
+    """Rebuild the network and its Diffusion from a checkpoint. Returns (model, diffusion, checkpoint dict).
 
     weights="ema" loads the averaged weights used for sampling; "model" the live training weights. A 4-bit
     checkpoint (`quantized_file`) comes back with its 4-bit layers in place (model/quant.py).
@@ -201,7 +206,10 @@ def load_model(path, device="cpu", weights="ema"):
         raise ValueError(f"{path} holds no {weights!r} weights: {kept} checkpoint keeps only the averaged ones "
                          "(sample with them, or --resume the full checkpoint train.py wrote)")
     try:
-        model = UNet(**ckpt["config"]).to(device)
+        backbone = ckpt.get("backbone", "unet")
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}")
+        model = BACKBONES[backbone](**ckpt["config"]).to(device)
         if "quantized" in ckpt:  # the layers' shapes first, then the stored codes and constants load into them
             q = ckpt["quantized"]
             quantize_model(model, int(q["block"]), bool(q["double_quant"]), tuple(q["keep"]))
@@ -221,7 +229,7 @@ def export_model(path, out, dtype=torch.float16):
     config, the schedule and the preset -- no live weights, no optimizer. fp16 halves the file; adapters
     trained on the exported file fit it exactly (its fingerprint is that of the fp16 weights)."""
     ckpt = load_file(path, MODEL_KIND)
-    slim = {k: ckpt[k] for k in ("kind", "config", "diffusion", "preset", "train", "step")}
+    slim = {k: ckpt[k] for k in ("kind", "backbone", "config", "diffusion", "preset", "train", "step") if k in ckpt}
     slim["ema"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     save_file(slim, out)
 
@@ -235,7 +243,7 @@ def quantized_file(path, block, double_quant, keep, device="cpu", dtype=torch.fl
     source = fingerprint(model)
     model, layers = quantize_model(model, block, double_quant, keep)
     spec = dict(format="nf4", block=block, double_quant=double_quant, keep=list(keep), source_fingerprint=source)
-    slim = {k: ckpt[k] for k in ("kind", "config", "diffusion", "preset", "train", "step") if k in ckpt}
+    slim = {k: ckpt[k] for k in ("kind", "backbone", "config", "diffusion", "preset", "train", "step") if k in ckpt}
     ema = {k: v.to(dtype) if v.is_floating_point() and ".weight_4bit." not in k else v
            for k, v in model.state_dict().items()}
     return dict(slim, ema=ema, quantized=spec), layers

@@ -23,7 +23,7 @@ from model.quant import merge_requantized
 from model.training import autocast
 
 from .cli import at_most, fraction, nonnegative_float, positive_int, prepare_model, seed_int
-from .config import PRESETS, preset_for, preset_named, with_flags
+from .config import PRESETS, sample_config, with_flags
 from .files import base_fingerprints, load_controlnet, load_lora, load_model, read_drawing
 
 # Where the scripts look for a model when --ckpt is not given: your own, else the one that ships.
@@ -91,6 +91,8 @@ def presets_text():
     """The sampling settings of every preset, for a script's --help."""
     lines = [f"  {name}: {describe('ddim', c.steps, c.guidance, parse_interval(c.guidance_interval), c.eta)}, "
              f"batch {c.batch_size}" for name, c in ((n, p["sample"]) for n, p in PRESETS.items())]
+    lines += [f"  {name}, a DiT: guidance {p['dit_sample'].guidance:g}" for name, p in PRESETS.items()
+              if p["dit_sample"].guidance != p["sample"].guidance]
     return "\nThe presets sample with (--guidance-interval auto for 'auto'):\n" + "\n".join(lines) + "\n"
 
 
@@ -145,8 +147,7 @@ def lora_scales(args):
 def sampling_settings(args, ckpt, diffusion, device):
     """Diffusion.sample's keyword arguments and the batch size: the checkpoint's preset, then the flags,
     checked against the model's schedule."""
-    preset = ckpt.get("preset") or preset_for(device)
-    config = with_flags(preset_named(preset)["sample"], args)
+    config = with_flags(sample_config(ckpt, device), args)
     if diffusion.T < 1:
         raise ValueError(f"the checkpoint's schedule has T = {diffusion.T} steps; it is broken, retrain it")
     if not 1 <= config.steps <= diffusion.T:

@@ -7,6 +7,7 @@ Read it in this order, one chapter per file:
     attention.py   cross-attention from pixels to the digit label: the label's way in
     norm.py        GroupNorm kept in bf16 under autocast (a faster sampler)
     unet.py        the noise-prediction network eps_theta(x_t, t, y), a small UNet
+    dit.py         the same network as a Diffusion Transformer: patches, adaLN-Zero, three ways in for the label
     ema.py         an exponential moving average of the weights, which samples
     training.py    one training step: loss, backward, clip, optimizer step, EMA
     styles.py      the styles a LoRA adapter learns: bold, italic, inverted

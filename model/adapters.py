@@ -3,8 +3,10 @@
 `inject_lora` walks the model and wraps every layer whose attribute name is a target in a LoRA layer
 (lora.py) or a DoRA layer (dora.py), then freezes everything but the adapters. The target groups:
 
-    attn   the cross-attention projections w_q, w_k, w_v: the label's way in (attention.py)
+    attn   the attention projections w_q, w_k, w_v: the label's way in (attention.py; in a DiT, dit.py,
+           its self-attention over patches as well)
     conv   the two 3 x 3 convolutions of every ResBlock, which draw the strokes (unet.py)
+    mlp    the two Linears of every transformer block's MLP (dit.py)
 
 and any other layer name (`stem`, `w_o`, ...) stands for itself. Adapters stack as Stable Diffusion LoRAs
 do: a second adapter wraps the first, and the layer computes W0 x + b + s1 dW1 x + s2 dW2 x, two styles at
@@ -19,7 +21,7 @@ import torch.nn as nn
 from .dora import DoraConv2d, DoraLayer, DoraMixin
 from .lora import LoraBase, LoraConv2d, LoraLayer, bottom
 
-TARGET_GROUPS = {"attn": ("w_q", "w_k", "w_v"), "conv": ("conv1", "conv2")}
+TARGET_GROUPS = {"attn": ("w_q", "w_k", "w_v"), "conv": ("conv1", "conv2"), "mlp": ("fc1", "fc2")}
 VARIANTS = {"lora": {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d},
             "dora": {nn.Linear: DoraLayer, nn.Conv2d: DoraConv2d}}
 

@@ -59,9 +59,14 @@ class CrossAttention(nn.Module):
         q = self.w_q(pixels)                               # [B, H*W, C]
         k = self.w_k(context)                              # [B, L, C]
         v = self.w_v(context)                              # [B, L, C]
-        # Split channels into heads: [B, n, C] -> [B, heads, n, C/heads]
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)      # softmax(QK^T/sqrt(d)) V: [B, heads, H*W, d]
-        out = out.transpose(1, 2).reshape(B, H * W, C)     # [B, H*W, C]
-        out = self.w_o(out).transpose(1, 2).reshape(B, C, H, W)
-        return x + out  # residual: the block only adds what the label says
+        out = self.w_o(multi_head(q, k, v, self.heads))    # [B, H*W, C]
+        return x + out.transpose(1, 2).reshape(B, C, H, W)  # residual: the block only adds what the label says
+
+
+def multi_head(q, k, v, heads):
+    """softmax(Q K^T / sqrt(d_head)) V in `heads` heads: q [B, n, C], k and v [B, L, C] -> [B, n, C]."""
+    B, n, C = q.shape
+    # Split channels into heads: [B, n, C] -> [B, heads, n, C/heads]
+    q, k, v = (t.view(B, -1, heads, C // heads).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)          # [B, heads, n, C/heads]
+    return out.transpose(1, 2).reshape(B, n, C)            # the heads side by side again

@@ -20,6 +20,8 @@ import copy
 
 import torch.nn as nn
 
+from .unet import UNet
+
 
 def zero(module):
     """A layer whose weights and bias start at exactly 0."""
@@ -34,6 +36,9 @@ class ControlNet(nn.Module):
 
     def __init__(self, unet, kind="skeleton", train_copy=True):
         super().__init__()
+        if not isinstance(unet, UNet):
+            raise ValueError(f"a ControlNet copies a UNet's encoder and adds to its skip connections; a "
+                             f"{type(unet).__name__} has none: steer a UNet checkpoint")
         self.kind = kind
         self.copy = copy.deepcopy(unet)
         del self.copy.up, self.copy.upsample, self.copy.out  # only the encoder is copied

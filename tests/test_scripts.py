@@ -370,7 +370,7 @@ def test_round_two_silent_or_late_mistakes_are_refused_up_front(data_dir, tmp_pa
     _refused(train.main, ["--seed", str(2**62), "--out", str(tmp_path / "x.pt")], "--seed", capsys)
     _refused(train.main, ["--resume", "--force", "--out", ckpt], "give one of them", capsys)
     _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--targets", "attn,foo"], "foo", capsys)
-    _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--targets", ","], "groups (attn, conv)", capsys)
+    _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--targets", ","], "groups (attn, conv, mlp)", capsys)
     _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--alpha", "1e30"], "--alpha", capsys)
     _refused(lora_finetune.main, [*tune, "--out", str(tmp_path / "b.pt"), "--targets", "stem", "--rank", "99"],
              "stem: LoRA rank", capsys)
