@@ -4,6 +4,7 @@
     python ablate.py base     # the base model: eps vs v prediction, Min-SNR-gamma 5 vs off, along its training
     python ablate.py controlnet   # the preset's ControlNet along its run; null labels, a frozen copy, other controls
     python ablate.py quant    # NF4 settings against the full-precision model; QLoRA adapters on the 4-bit model
+    python ablate.py dit      # the DiT's three label designs and the UNet at equal training minutes; LoRA on a DiT
 
 Every row is a real run of lora_finetune.py, train.py, controlnet_train.py or quantize.py at this machine's preset (the flags in the table are
 the only change), each in a process of its own so that its time and peak memory are its own, then scored
@@ -31,6 +32,7 @@ import quantize
 import train
 from harness.cli import Parser, check_writable, hardware_name, pick_device, positive_int, run_cli
 from harness.config import PRESETS, preset_for, with_flags
+from harness.figures import save_grid
 from harness.metrics import Judge, classify
 from harness.runs import plan_steps
 from harness.sampling import SHIPPED_CHECKPOINT, describe, digit_labels, generate, load_sampler, sampling_settings
@@ -67,6 +69,17 @@ QUANT_RUNS = {  # quantize.py flags; the first is the model the adapter rows tra
     "stem and last conv kept, blocks of 32": ["--block", "32"],
     "only the last conv kept": ["--keep", "out"],
 }
+DIT_RUNS = {  # train.py flags of the equal-minutes rows; each DiT row gets the UNet preset's training seconds
+    "UNet (the preset)": [],
+    "DiT, adaLN-Zero": ["--backbone", "dit", "--label-in", "adaln-zero"],
+    "DiT, cross-attention": ["--backbone", "dit", "--label-in", "cross-attn"],
+    "DiT, in-context tokens": ["--backbone", "dit", "--label-in", "in-context"],
+}
+DIT_LORA_RUNS = {  # lora_finetune.py --targets on the DiT preset's model
+    "attention: w_q, w_k, w_v, w_o": ["--targets", "attn,w_o"],
+    "MLP: fc1, fc2": ["--targets", "mlp"],
+    "both (the DiT default)": [],
+}
 BASE_RUNS = {
     "eps, Min-SNR-5 (preset)": [],
     "eps, plain loss": ["--min-snr-gamma", "0"],
@@ -77,11 +90,12 @@ BASE_RUNS = {
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("study", choices=("lora", "base", "controlnet", "quant"), help="which ablation to run")
+    p.add_argument("study", choices=("lora", "base", "controlnet", "quant", "dit"), help="which ablation to run")
     p.add_argument("--base", default=SHIPPED_CHECKPOINT, help="the model the adapters adapt (lora)")
     p.add_argument("--per-digit", type=positive_int, default=100, help="samples per digit for every score")
     p.add_argument("--work", default="checkpoints/ablation", help="folder for the runs' files (overwritten)")
     p.add_argument("--out", help="markdown table to write (default docs/ablation-STUDY.md)")
+    p.add_argument("--figures", default="figure", help="folder for the dit study's figure, dit_designs.png")
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/")
     p.add_argument("--classifier", default="pretrained/classifier.pt", help="evaluation classifier")
     p.add_argument("--flags", default="", help="extra flags for every run, before the row's own (e.g. "
@@ -379,6 +393,91 @@ def forward_times(full, four_bit, device, repeats=10):
     return lines
 
 
+def dit_study(args, device, judge, labels):
+    """The UNet preset, then each DiT design trained for as many seconds as the UNet took (its steps set from a
+    short probe of its speed), then the DiT preset; each scored, sized and timed; then LoRA on the DiT preset."""
+    rows, unet_seconds, panels = [], None, {}
+    runs = [*DIT_RUNS.items(), ("DiT preset (adaLN-Zero)", ["--backbone", "dit"])]
+    for i, (name, flags) in enumerate(runs):
+        out = os.path.join(args.work, f"dit-{i}.pt")
+        steps = []
+        if 0 < i < len(DIT_RUNS):  # the DiT rows of the equal-minutes table
+            probe = os.path.join(args.work, "probe.pt")
+            run_script(["train.py", "--out", probe, "--force", "--max-steps", "150", "--data-dir", args.data_dir,
+                        "--figures", args.work, *flags], device)
+            probed = torch.load(probe, weights_only=True)
+            steps = ["--total-steps", str(round(unet_seconds * probed["step"] / probed["seconds"]))]
+        print(f"== {name} {' '.join(steps)}", flush=True)
+        run_script(["train.py", "--out", out, "--force", "--data-dir", args.data_dir, "--figures", args.work,
+                    *args.flags.split(), *flags, *steps], device)
+        s = load_sampler(out, device)
+        unet_seconds = unet_seconds or s.checkpoint["seconds"]
+        sampling, batch_size = sampling_for(s.checkpoint, s.diffusion, device)
+        start = time.perf_counter()
+        x = generate(s.model, s.diffusion, labels, seed=0, batch_size=batch_size, **sampling)
+        sampling_seconds = time.perf_counter() - start
+        r, ckpt = judge(x, labels), s.checkpoint
+        panels[f"{name}, {ckpt['seconds'] / 60:.1f} min"] = x.view(10, -1, 28, 28)[:, :6]
+        rows.append(f"| {name} | {ckpt['step']:,} | {ckpt['seconds'] / 60:.1f} min | {sampling['guidance']:g} | "
+                    f"{100 * r['accuracy']:.2f}% | "
+                    f"{r['fid']:.3f} | {sum(p.numel() for p in s.model.parameters()):,} | "
+                    f"{forward_gflop(s.model, device):.4f} | "
+                    f"{ckpt['step'] * ckpt['train']['batch_size'] / ckpt['seconds']:,.0f} | "
+                    f"{len(labels) / sampling_seconds:,.0f} |")
+        print(f"   {rows[-1]}", flush=True)
+    lines = ["| network | steps | training | guidance | class accuracy | FID | parameters | GFLOP a forward | "
+             "training images/s | sampling digits/s |", "|---" * 10 + "|", *rows]
+    notes = [f"FID real-data floor {r['fid_floor']:.3f}. Each network samples with its preset's sampler (above; the "
+             "guidance column says which scale). Training: the loop's seconds as train.py records them; "
+             "GFLOP a forward: one image, one conditional pass, counted by torch.utils.flop_counter; sampling "
+             f"digits/s: the {len(labels):,} scored digits with the sampler above, guidance's second pass included.", ""]
+    figure = os.path.join(args.figures, "dit_designs.png")
+    save_grid(figure, panels, [str(d) for d in range(10)], title="the same seeds, each network after its training")
+    notes += [f"The first six samples of each digit: {figure}.", ""]
+    notes += dit_lora_rows(args, device, judge, labels, os.path.join(args.work, f"dit-{len(runs) - 1}.pt"))
+    return lines, notes, describe(**sampling)
+
+
+@torch.inference_mode()
+def forward_gflop(model, device):
+    from torch.utils.flop_counter import FlopCounterMode
+    one = (torch.zeros(1, 1, 28, 28, device=device), torch.full((1,), 500, device=device),
+           torch.zeros(1, dtype=torch.long, device=device))
+    with FlopCounterMode(display=False) as counter:
+        model(*one)
+    return counter.get_total_flops() / 1e9
+
+
+def dit_lora_rows(args, device, judge, labels, base):
+    """Style adapters on the DiT, one target group at a time: which layers a style needs in a transformer."""
+    per_style = labels[::2]
+    lines = [f"LoRA on the DiT preset's model (`lora_finetune.py --base DIT --style STYLE`, the preset's steps, rank "
+             f"and learning rate; {len(per_style):,} samples against real digits of the style):\n",
+             "| targets (flags) | trainable numbers | " + " | ".join(f"{s}: gap closed, accuracy, FID" for s in STYLES)
+             + " |", "|---" * (2 + len(STYLES)) + "|"]
+    off, reports = {}, {}
+    for i, (name, flags) in enumerate(DIT_LORA_RUNS.items()):
+        cells = []
+        for style in STYLES:
+            out = os.path.join(args.work, f"dit-{style}-{i}.pt")
+            print(f"== DiT {style}: {name}", flush=True)
+            run_script(["lora_finetune.py", "--base", base, "--out", out, "--style", style, "--force",
+                        "--data-dir", args.data_dir, "--figures", args.work, *flags], device)
+            s = load_sampler(base, device, loras=[out])
+            on = generate(s.model, s.diffusion, per_style, seed=0, **sampling_kw(s, device))
+            if style not in off:
+                set_lora(s.model, enabled=False)
+                off[style] = generate(s.model, s.diffusion, per_style, seed=0, **sampling_kw(s, device))
+            r = reports[style] = judge.style_report(style, off[style], on, per_style)
+            params = sum(t.numel() for t in s.adapters[0][0]["tensors"].values())
+            cells.append(f"{100 * r['gap_closed']:.0f}%, {100 * r['on']['accuracy']:.1f}%, {r['on']['fid']:.2f}")
+            print(f"   {cells[-1]}", flush=True)
+        lines.append(f"| {name}{' (`' + ' '.join(flags) + '`)' if flags else ''} | {params:,} | " + " | ".join(cells) + " |")
+    lines.insert(3, "| LoRA off (the DiT preset's model) | | " + " | ".join(
+        f"0%, {100 * reports[s]['off']['accuracy']:.1f}%, {reports[s]['off']['fid']:.2f}" for s in STYLES) + " |")
+    return lines
+
+
 def base_sampler(path, device):
     s = load_sampler(path, device)
     return describe(**sampling_for(s.checkpoint, s.diffusion, device)[0])
@@ -389,7 +488,8 @@ def check_runs(args):
     own = dict(lora=("--base", "--out", "--style", "--force", "--resume"),
                base=("--out", "--max-steps", "--resume", "--force"),
                controlnet=("--base", "--out", "--max-steps", "--resume", "--force"),
-               quant=("--base", "--out", "--style", "--force", "--resume"))[args.study]
+               quant=("--base", "--out", "--style", "--force", "--resume"),
+               dit=("--out", "--max-steps", "--resume", "--force", "--total-steps", "--backbone", "--label-in"))[args.study]
     clash = [f for f in args.flags.split() if f.split("=")[0] in own]
     if clash:
         hint = " (plan a shorter run with --total-steps)" if "--max-steps" in clash and args.study == "base" else ""
@@ -397,7 +497,8 @@ def check_runs(args):
     # (script, its runs, whether --flags go to them): quant's --flags go to its adapters, not to quantize.py
     checks = dict(lora=[(lora_finetune, LORA_RUNS, True)], base=[(train, BASE_RUNS, True)],
                   controlnet=[(controlnet_train, CONTROLNET_RUNS, True)],
-                  quant=[(quantize, QUANT_RUNS, False), (lora_finetune, {"adapters": []}, True)])[args.study]
+                  quant=[(quantize, QUANT_RUNS, False), (lora_finetune, {"adapters": []}, True)],
+                  dit=[(train, DIT_RUNS, True), (lora_finetune, DIT_LORA_RUNS, False)])[args.study]
     for script, runs, with_flags_ in checks:
         for name, flags in runs.items():
             said = io.StringIO()
@@ -423,7 +524,8 @@ def main(argv=None):
     judge = Judge(args.classifier, args.data_dir, device)
     labels = digit_labels(range(10), args.per_digit, device)
     start = time.time()
-    study = dict(lora=lora_study, base=base_study, controlnet=controlnet_study, quant=quant_study)[args.study]
+    study = dict(lora=lora_study, base=base_study, controlnet=controlnet_study, quant=quant_study,
+                 dit=dit_study)[args.study]
     lines, notes, sampler = study(args, device, judge, labels)
     header = [f"# Ablation: {args.study}\n",
               f"`python ablate.py {args.study}` on {hardware_name(device)}, PyTorch {torch.__version__}, "

@@ -94,6 +94,8 @@ RESULTS = [  # what the README quotes: (row, evaluate.py flags)
     ("the 4-bit model + the bold adapter trained on it (QLoRA)",
      "--ckpt pretrained/model-nf4.pt --lora pretrained/bold-nf4.pt --per-digit 100"),
     ("the 4-bit model + the full-precision bold adapter", "--ckpt pretrained/model-nf4.pt --lora pretrained/bold.pt --per-digit 100"),
+    ("the Diffusion Transformer (DiT preset)", "--ckpt pretrained/dit.pt --per-digit 200"),
+    ("the DiT + its bold adapter", "--ckpt pretrained/dit.pt --lora pretrained/dit-bold.pt --per-digit 100"),
 ]
 
 
@@ -103,13 +105,8 @@ def write_results(path):
     lines = ["| what | class accuracy | FID (floor) | style: gap closed, FID off -> on | control F1 exact, 1 px "
              "(base) | command |", "|---" * 6 + "|"]
     for name, flags in RESULTS:
-        r = main([*flags.split(), "--json"])
-        style = (f"{100 * r['gap_closed']:.0f}%, {r['off']['fid']:.2f} -> {r['on']['fid']:.2f}" if "gap_closed" in r else "")
-        score = r["on"] if "gap_closed" in r else r
-        c = r.get("control")
-        control = f"{c['f1_exact']:.3f}, {c['f1_1px']:.3f} ({c['base_f1_exact']:.3f}, {c['base_f1_1px']:.3f})" if c else ""
-        lines.append(f"| {name} | {100 * score['accuracy']:.2f}% | {score['fid']:.2f} ({score['fid_floor']:.2f}) | "
-                     f"{style} | {control} | `python evaluate.py {flags}` |")
+        row, r = result_row(name, flags)
+        lines.append(row)
     text = "\n".join([f"# Results\n", f"Written by `python evaluate.py --results {path}` on {hardware_name(torch.device('cpu'))}, "
                       f"PyTorch {torch.__version__}, {time.strftime('%Y-%m-%d')}; classifier {r['classifier_fingerprint']} "
                       f"({100 * r['classifier_test_accuracy']:.2f}% on MNIST test). Style rows: accuracy and FID with the "
@@ -118,6 +115,17 @@ def write_results(path):
         f.write(text)
     print(text)
     return text
+
+
+def result_row(name, flags):
+    """One row of the results table, scored by this script with `flags`; and the report it came from."""
+    r = main([*flags.split(), "--json"])
+    style = (f"{100 * r['gap_closed']:.0f}%, {r['off']['fid']:.2f} -> {r['on']['fid']:.2f}" if "gap_closed" in r else "")
+    score = r["on"] if "gap_closed" in r else r
+    c = r.get("control")
+    control = f"{c['f1_exact']:.3f}, {c['f1_1px']:.3f} ({c['base_f1_exact']:.3f}, {c['base_f1_1px']:.3f})" if c else ""
+    return (f"| {name} | {100 * score['accuracy']:.2f}% | {score['fid']:.2f} ({score['fid_floor']:.2f}) | "
+            f"{style} | {control} | `python evaluate.py {flags}` |"), r
 
 
 def load_samples(path, device):

@@ -2,7 +2,7 @@
 # Regenerates every figure in figure/ with the current code, on whatever machine runs it (about 8 minutes
 # on a 2-core CPU): the README's three commands with --figures figure (their checkpoints go to
 # outputs/figure-run/, never over yours), then the shipped adapters' comparisons, sweep and stack, and the
-# shipped ControlNets' controls and drawings, and the 4-bit model beside the full-precision one.
+# shipped ControlNets' controls and drawings, the 4-bit model beside the full-precision one, and the DiT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=outputs/figure-run
@@ -27,3 +27,7 @@ python denoise.py --ckpt pretrained/model.pt --controlnet $cn --lora pretrained/
 # QLoRA: the full-precision model | its 4-bit copy | the 4-bit copy with the adapter trained on it.
 python denoise.py --ckpt pretrained/model-nf4.pt --lora pretrained/bold-nf4.pt --compare --beside pretrained/model.pt \
   --per-digit 8 --figures figure --out outputs/samples_nf4_bold.png
+# The Diffusion Transformer: the UNet | the DiT with LoRA off | on, from the same noise. (figure/dit_designs.png, the
+# three label designs and the UNet at equal minutes, is drawn by `python ablate.py dit`, from the runs it scores.)
+python denoise.py --ckpt pretrained/dit.pt --lora pretrained/dit-bold.pt --compare --beside pretrained/model.pt \
+  --per-digit 8 --figures figure --out outputs/samples_dit_bold.png

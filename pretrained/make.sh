@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates the shipped files from scratch on a CPU (about 20 minutes on 2 cores): the cpu preset's
+# Regenerates the shipped files from scratch on a CPU (about 30 minutes on 2 cores): the cpu preset's
 # model (fp16 averaged weights only), one adapter per style and two ControlNets, trained on that file, and
-# its 4-bit copy with a bold adapter trained on it (QLoRA).
+# its 4-bit copy with a bold adapter trained on it (QLoRA), and the Diffusion Transformer's preset with a bold
+# adapter.
 # The evaluation classifier (classifier.pt) is trained by `python evaluate.py --classifier PATH` when
 # PATH does not exist; it is kept as it is here, since every FID depends on it.
 set -euo pipefail
@@ -29,3 +30,8 @@ python quantize.py --base pretrained/model.pt --out pretrained/model-nf4.pt --fo
 python lora_finetune.py --base pretrained/model-nf4.pt --style bold --out pretrained/bold-nf4.pt --force \
   --figures checkpoints/figures
 rm -f pretrained/bold-nf4.pt.resume
+python train.py --preset cpu --backbone dit --out checkpoints/pretrained-dit-full.pt --force --figures checkpoints/figures
+python -c "from harness.files import export_model; export_model('checkpoints/pretrained-dit-full.pt', 'pretrained/dit.pt')"
+python lora_finetune.py --base pretrained/dit.pt --style bold --out pretrained/dit-bold.pt --force \
+  --figures checkpoints/figures
+rm -f pretrained/dit-bold.pt.resume
