@@ -395,7 +395,8 @@ def forward_times(full, four_bit, device, repeats=10):
 
 def dit_study(args, device, judge, labels):
     """The UNet preset, then each DiT design trained for as many seconds as the UNet took (its steps set from a
-    short probe of its speed), then the DiT preset; each scored, sized and timed; then LoRA on the DiT preset."""
+    short probe of its speed), then the DiT preset; each scored, sized and timed; then LoRA on the DiT preset.
+    --flags go to every run; a --total-steps among them shortens the UNet, the preset and the adapters only."""
     rows, unet_seconds, panels = [], None, {}
     runs = [*DIT_RUNS.items(), ("DiT preset (adaLN-Zero)", ["--backbone", "dit"])]
     for i, (name, flags) in enumerate(runs):
@@ -462,7 +463,7 @@ def dit_lora_rows(args, device, judge, labels, base):
             out = os.path.join(args.work, f"dit-{style}-{i}.pt")
             print(f"== DiT {style}: {name}", flush=True)
             run_script(["lora_finetune.py", "--base", base, "--out", out, "--style", style, "--force",
-                        "--data-dir", args.data_dir, "--figures", args.work, *flags], device)
+                        "--data-dir", args.data_dir, "--figures", args.work, *args.flags.split(), *flags], device)
             s = load_sampler(base, device, loras=[out])
             on = generate(s.model, s.diffusion, per_style, seed=0, **sampling_kw(s, device))
             if style not in off:
@@ -489,7 +490,7 @@ def check_runs(args):
                base=("--out", "--max-steps", "--resume", "--force"),
                controlnet=("--base", "--out", "--max-steps", "--resume", "--force"),
                quant=("--base", "--out", "--style", "--force", "--resume"),
-               dit=("--out", "--max-steps", "--resume", "--force", "--total-steps", "--backbone", "--label-in"))[args.study]
+               dit=("--out", "--max-steps", "--resume", "--force", "--backbone", "--label-in", "--style"))[args.study]
     clash = [f for f in args.flags.split() if f.split("=")[0] in own]
     if clash:
         hint = " (plan a shorter run with --total-steps)" if "--max-steps" in clash and args.study == "base" else ""
@@ -498,7 +499,7 @@ def check_runs(args):
     checks = dict(lora=[(lora_finetune, LORA_RUNS, True)], base=[(train, BASE_RUNS, True)],
                   controlnet=[(controlnet_train, CONTROLNET_RUNS, True)],
                   quant=[(quantize, QUANT_RUNS, False), (lora_finetune, {"adapters": []}, True)],
-                  dit=[(train, DIT_RUNS, True), (lora_finetune, DIT_LORA_RUNS, False)])[args.study]
+                  dit=[(train, DIT_RUNS, True), (lora_finetune, DIT_LORA_RUNS, True)])[args.study]
     for script, runs, with_flags_ in checks:
         for name, flags in runs.items():
             said = io.StringIO()
@@ -515,6 +516,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = args.out or f"docs/ablation-{args.study}.md"
     check_writable(out)
+    if args.study == "dit":
+        check_writable(os.path.join(args.figures, "dit_designs.png"))
     check_runs(args)
     if args.study in ("lora", "controlnet", "quant") and not os.path.isfile(args.base):
         raise FileNotFoundError(f"--base {args.base} not found (train.py writes one; the shipped one is "

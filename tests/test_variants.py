@@ -202,3 +202,23 @@ def test_the_quant_ablation_scores_each_4bit_model_and_the_adapters_on_it(data_d
     assert torch.load(tmp_path / "work" / "nf4-1.pt", weights_only=True)["quantized"]["block"] == 32
     bold = [line for line in text.splitlines() if line.startswith("| bold |")]
     assert len(bold) == 3 and "merged into NF4" in text and "batch 32" in text  # the forward times
+
+
+def test_the_dit_ablation_gives_each_design_the_unets_seconds(data_dir, tmp_path, monkeypatch):
+    import ablate
+    monkeypatch.setattr(ablate, "DIT_RUNS", {"UNet": [], "DiT, in-context": ["--backbone", "dit", "--label-in", "in-context"]})
+    monkeypatch.setattr(ablate, "DIT_LORA_RUNS", {"MLP": ["--targets", "mlp"]})
+    monkeypatch.setattr(ablate, "STYLES", ("bold",))
+    common = ["dit", "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu", "--work", str(tmp_path / "work"),
+              "--out", str(tmp_path / "dit.md"), "--figures", str(tmp_path / "fig"),
+              "--classifier", os.path.join(os.path.dirname(ablate.__file__), "pretrained", "classifier.pt")]
+    with pytest.raises(ValueError, match="sets --backbone itself"):
+        ablate.main([*common, "--flags", "--backbone unet"])
+    text = ablate.main([*common, "--flags", "--total-steps 2 --batch-size 16"])
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    unet, dit, preset = rows["| UNet"], rows["| DiT, in-context"], rows["| DiT preset (adaLN-Zero)"]
+    assert unet[1] == preset[1] == "2" and int(dit[1].replace(",", "")) >= 1  # its steps: the UNet's seconds at its speed
+    assert torch.load(tmp_path / "work" / "dit-1.pt", weights_only=True)["config"]["label_in"] == "in-context"
+    assert float(dit[7]) < float(unet[7])  # GFLOP a forward: the small DiT is cheaper than the UNet
+    assert rows["| MLP (`--targets mlp`)"][2].count("%") == 2 and "LoRA off" in text
+    assert os.path.getsize(tmp_path / "fig" / "dit_designs.png") > 1000
