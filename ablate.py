@@ -25,6 +25,7 @@ import time
 from contextlib import redirect_stderr
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import controlnet_train
 import lora_finetune
@@ -441,7 +442,7 @@ def dit_study(args, device, judge, labels):
 
 @torch.inference_mode()
 def forward_gflop(model, device):
-    from torch.utils.flop_counter import FlopCounterMode
+    """GFLOP of one conditional forward of one image, counted by torch.utils.flop_counter."""
     one = (torch.zeros(1, 1, 28, 28, device=device), torch.full((1,), 500, device=device),
            torch.zeros(1, dtype=torch.long, device=device))
     with FlopCounterMode(display=False) as counter:

@@ -7,7 +7,7 @@
 
 Loads the base model (its averaged weights, the ones we sample with), wraps the layers named by --targets
 in LoRA layers (model/adapters.py: `attn` = the attention's w_q, w_k, w_v; `conv` = the ResBlock convs; on a
-Diffusion Transformer `mlp` = its MLPs, and the default is attn,w_o,mlp),
+Diffusion Transformer `mlp` = its MLPs, and the default is DIT_LORA_TARGETS in harness/config.py),
 freezes everything else and runs the training step of train.py over the adapter alone, on MNIST redrawn in
 --style (model/styles.py), with the objective the base was trained with. The output file holds only the
 adapter: its tensors (averaged, as for the base), its config (rank, alpha, targets, style) and the base

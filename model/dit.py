@@ -148,8 +148,11 @@ class DiT(nn.Module):
         super().__init__()
         if label_in not in LABEL_IN:
             raise ValueError(f"unknown label design {label_in!r}: choose {', '.join(LABEL_IN)}")
-        if size % patch or width % 4 or width % heads:
-            raise ValueError(f"patch {patch} must divide {size}, and width {width} split into 4 and into {heads} heads")
+        if size % patch:
+            raise ValueError(f"patch {patch} does not divide the image's {size} pixels: choose 2, 4, 7 or 14")
+        if width % 4 or width % heads:
+            raise ValueError(f"width {width} must be a multiple of 4 (the 2-D positions) and of the {heads} heads: "
+                             "try 32 or 64")
         self.config = dict(patch=patch, width=width, depth=depth, heads=heads, label_in=label_in,
                            context_tokens=context_tokens, num_classes=num_classes, size=size)
         self.patch, self.size = patch, size

@@ -94,8 +94,10 @@ def test_a_controlnet_cannot_steer_a_dit():
 
 
 def test_bad_sizes_are_refused():
-    with pytest.raises(ValueError, match="divide"):
+    with pytest.raises(ValueError, match="does not divide"):
         DiT(patch=5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        DiT(width=30)
     with pytest.raises(ValueError, match="label design"):
         DiT(label_in="concat")
 
