@@ -5,6 +5,7 @@
     python ablate.py controlnet   # the preset's ControlNet along its run; null labels, a frozen copy, other controls
     python ablate.py quant    # NF4 settings against the full-precision model; QLoRA adapters on the 4-bit model
     python ablate.py dit      # the DiT's three label designs and the UNet at equal training minutes; LoRA on a DiT
+    python ablate.py lowrank  # full fine-tuning, LoRAs cut from it at r = 1..16, LoRAs trained at r, AdaLoRA
 
 Every row is a real run of lora_finetune.py, train.py, controlnet_train.py or quantize.py at this machine's preset (the flags in the table are
 the only change), each in a process of its own so that its time and peak memory are its own, then scored
@@ -28,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import controlnet_train
+import lora_extract
 import lora_finetune
 import quantize
 import train
@@ -81,6 +83,8 @@ DIT_LORA_RUNS = {  # lora_finetune.py --targets on the DiT preset's model
     "MLP: fc1, fc2": ["--targets", "mlp"],
     "both (the DiT default)": [],
 }
+LOWRANK_RANKS = (1, 2, 4, 8, 16)  # the ranks cut from the full fine-tune and trained from scratch
+ADALORA_RUN = ["--variant", "adalora"]  # the preset's 8 on average, from 12 a layer
 BASE_RUNS = {
     "eps, Min-SNR-5 (preset)": [],
     "eps, plain loss": ["--min-snr-gamma", "0"],
@@ -91,12 +95,13 @@ BASE_RUNS = {
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("study", choices=("lora", "base", "controlnet", "quant", "dit"), help="which ablation to run")
+    p.add_argument("study", choices=("lora", "base", "controlnet", "quant", "dit", "lowrank"), help="which ablation to run")
     p.add_argument("--base", default=SHIPPED_CHECKPOINT, help="the model the adapters adapt (lora)")
     p.add_argument("--per-digit", type=positive_int, default=100, help="samples per digit for every score")
     p.add_argument("--work", default="checkpoints/ablation", help="folder for the runs' files (overwritten)")
     p.add_argument("--out", help="markdown table to write (default docs/ablation-STUDY.md)")
-    p.add_argument("--figures", default="figure", help="folder for the dit study's figure, dit_designs.png")
+    p.add_argument("--figures", default="figure", help="folder for the dit study's figure (dit_designs.png) and the "
+                                                       "lowrank study's (lowrank_STYLE.png)")
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/")
     p.add_argument("--classifier", default="pretrained/classifier.pt", help="evaluation classifier")
     p.add_argument("--flags", default="", help="extra flags for every run, before the row's own (e.g. "
@@ -138,24 +143,34 @@ def sampling_for(ckpt, diffusion, device):
     return sampling_settings(argparse.Namespace(sampler="ddim", eta=None), ckpt, diffusion, device)
 
 
+def score_adapter(args, device, judge, labels, adapter, style, off):
+    """Sample --base with `adapter` on (and off, once per style: off[style]) and score the style. Returns
+    (report, the sampler's settings, the number of numbers in the adapter file)."""
+    s = load_sampler(args.base, device, loras=[adapter])
+    sampling, batch_size = sampling_for(s.checkpoint, s.diffusion, device)
+    draw = lambda: generate(s.model, s.diffusion, labels, seed=0, batch_size=batch_size, **sampling)
+    on = draw()
+    if style not in off:  # the base model's samples: the same for every adapter of the style
+        set_lora(s.model, enabled=False)
+        off[style] = draw()
+    params = sum(t.numel() for t in s.adapters[0][0]["tensors"].values())
+    return judge.style_report(style, off[style], on, labels), sampling, params
+
+
+def fine_tune(args, device, out, style, flags):
+    """lora_finetune.py on --base in a process of its own: (seconds, peak memory)."""
+    return run_script(["lora_finetune.py", "--base", args.base, "--out", out, "--style", style, "--force",
+                       "--data-dir", args.data_dir, "--figures", args.work, *args.flags.split(), *flags], device)
+
+
 def lora_study(args, device, judge, labels):
     rows, off = {}, {}
     for style in STYLES:
         for i, (name, flags) in enumerate(LORA_RUNS.items()):
             out = os.path.join(args.work, f"{style}-{i}.pt")
             print(f"== {style}: {name}", flush=True)
-            seconds, peak = run_script(["lora_finetune.py", "--base", args.base, "--out", out, "--style", style,
-                                        "--force", "--data-dir", args.data_dir, "--figures", args.work, *args.flags.split(), *flags], device)
-            s = load_sampler(args.base, device, loras=[out])
-            model, diffusion, ckpt, adapters = s.model, s.diffusion, s.checkpoint, s.adapters
-            sampling, batch_size = sampling_for(ckpt, diffusion, device)
-            draw = lambda: generate(model, diffusion, labels, seed=0, batch_size=batch_size, **sampling)
-            on = draw()
-            if style not in off:  # the base model's samples: the same for every adapter of the style
-                set_lora(model, enabled=False)
-                off[style] = draw()
-            report = judge.style_report(style, off[style], on, labels)
-            params = sum(t.numel() for t in adapters[0][0]["tensors"].values())
+            seconds, peak = fine_tune(args, device, out, style, flags)
+            report, sampling, params = score_adapter(args, device, judge, labels, out, style, off)
             rows.setdefault(name, dict(flags=flags, params=params, kib=os.path.getsize(out) / 1024, seconds={},
                                        peak={}))
             rows[name]["seconds"][style], rows[name]["peak"][style] = seconds, peak
@@ -480,6 +495,82 @@ def dit_lora_rows(args, device, judge, labels, base):
     return lines
 
 
+def lowrank_study(args, device, judge, labels):
+    """Per style: the full fine-tune (the ceiling), LoRAs cut from it at each rank, LoRAs trained at each rank,
+    AdaLoRA at the preset's average rank; then the spectrum of the full update beside the trained LoRA's and
+    AdaLoRA's ranks (lora_extract.py), and its figure."""
+    rows, off, spectra = {}, {}, []
+    for style in STYLES:
+        work = lambda name: os.path.join(args.work, f"{style}-{name}.pt")
+        runs = [("full fine-tune (`--variant full`)", work("full"), ["--variant", "full"])]
+        runs += [(f"LoRA trained at r={r}" + (" (the preset)" if r == 8 else ""), work(f"r{r}"), ["--rank", str(r)])
+                 for r in LOWRANK_RANKS]
+        runs += [("AdaLoRA 12 -> 8 (`--variant adalora`)", work("adalora"), ADALORA_RUN)]
+        for name, out, flags in runs:
+            print(f"== {style}: {name}", flush=True)
+            seconds, _ = fine_tune(args, device, out, style, flags)
+            loop = torch.load(out + ".resume", weights_only=False, map_location="cpu")["seconds"]
+            add_row(rows, name, style, score_adapter(args, device, judge, labels, out, style, off), out, seconds, loop)
+            if name.startswith("full"):  # the cuts of this update, right after it
+                for r in LOWRANK_RANKS:
+                    cut = work(f"cut{r}")
+                    lora_extract.main(["--full", out, "--base", args.base, "--rank", str(r), "--out", cut, "--force"])
+                    add_row(rows, f"cut from the full fine-tune at r={r}", style,
+                            score_adapter(args, device, judge, labels, cut, style, off), cut)
+        figure, r = os.path.join(args.figures, f"lowrank_{style}.png"), 8 if 8 in LOWRANK_RANKS else LOWRANK_RANKS[-1]
+        table = lora_extract.main(["--full", work("full"), "--base", args.base, "--rank", str(r), "--adapters",
+                                   work(f"r{r}"), work("adalora"), "--spectrum", figure])["lines"]
+        spectra += [f"**{style}**: the full fine-tune's update per layer group; beside it the rank of the "
+                    f"LoRA trained at r={r} ({os.path.basename(work(f'r{r}'))}) and AdaLoRA's per-layer ranks "
+                    f"({os.path.basename(work('adalora'))}); figure: {figure}.\n", *table, ""]
+    head = ["| adapter | numbers | fine-tuning (process / loop) | "
+            + " | ".join(f"{s}: gap closed, accuracy, FID" for s in STYLES) + " |", "|---" * (3 + len(STYLES)) + "|",
+            "| LoRA off (the base model) | | | " + " | ".join(
+                f"0%, {100 * rows[next(iter(rows))][s]['off']['accuracy']:.1f}%, {rows[next(iter(rows))][s]['off']['fid']:.2f}"
+                for s in STYLES) + " |"]
+    order = sorted(rows, key=lambda n: (not n.startswith("full"), "AdaLoRA" in n, "trained" in n))
+    lines = head + [lowrank_row(name, rows[name]) for name in order]
+    notes = [f"Real-data floor of the FID against real styled digits: "
+             + ", ".join(f"{s} {rows[order[0]][s]['on']['fid_floor']:.2f}" for s in STYLES) + ". Numbers: what the "
+             "adapter adds (AdaLoRA: the kept triplets only, its file holds all 12 a layer with the rest at zero; per "
+             "style when they differ). Fine-tuning: the lora_finetune.py process and its training loop, seconds, "
+             "the mean over the styles; a cut takes a few SVDs (no training).", "", *spectra]
+    return lines, notes, describe(**score_sampling(args, device))
+
+
+def add_row(rows, name, style, scored, path, seconds=None, loop=None):
+    report, _, _ = scored
+    adapter = torch.load(path, weights_only=True, map_location="cpu")
+    rows.setdefault(name, dict(numbers={}, seconds={}, loop={}))
+    rows[name][style] = report
+    rows[name]["numbers"][style] = added_numbers(adapter)
+    rows[name]["seconds"][style], rows[name]["loop"][style] = seconds, loop
+    print(f"   gap closed {100 * report['gap_closed']:.0f}%, accuracy {100 * report['on']['accuracy']:.1f}%, "
+          f"FID {report['on']['fid']:.2f}", flush=True)
+
+
+def added_numbers(adapter):
+    """The numbers an adapter adds; for AdaLoRA only its kept triplets (a row of Q, lambda, a column of P)."""
+    ranks, tensors = adapter["config"].get("ranks"), adapter["tensors"]
+    if ranks is None:
+        return sum(t.numel() for t in tensors.values())
+    return sum(r * (tensors[f"{p}.lora_A"][0].numel() + len(tensors[f"{p}.lora_B"]) + 1) for p, r in ranks.items())
+
+
+def lowrank_row(name, r):
+    numbers = sorted(set(r["numbers"].values()))
+    time = (f"{sum(r['seconds'].values()) / len(STYLES):.0f} / {sum(r['loop'].values()) / len(STYLES):.0f} s"
+            if None not in r["seconds"].values() else "")
+    return (f"| {name} | {' / '.join(f'{n:,}' for n in numbers)} | {time} | "
+            + " | ".join(f"{100 * r[s]['gap_closed']:.0f}%, {100 * r[s]['on']['accuracy']:.1f}%, {r[s]['on']['fid']:.2f}"
+                         for s in STYLES) + " |")
+
+
+def score_sampling(args, device):
+    s = load_sampler(args.base, device)
+    return sampling_for(s.checkpoint, s.diffusion, device)[0]
+
+
 def base_sampler(path, device):
     s = load_sampler(path, device)
     return describe(**sampling_for(s.checkpoint, s.diffusion, device)[0])
@@ -491,7 +582,8 @@ def check_runs(args):
                base=("--out", "--max-steps", "--resume", "--force"),
                controlnet=("--base", "--out", "--max-steps", "--resume", "--force"),
                quant=("--base", "--out", "--style", "--force", "--resume"),
-               dit=("--out", "--max-steps", "--resume", "--force", "--backbone", "--label-in", "--style"))[args.study]
+               dit=("--out", "--max-steps", "--resume", "--force", "--backbone", "--label-in", "--style"),
+               lowrank=("--base", "--out", "--style", "--force", "--resume", "--variant", "--rank"))[args.study]
     clash = [f for f in args.flags.split() if f.split("=")[0] in own]
     if clash:
         hint = " (plan a shorter run with --total-steps)" if "--max-steps" in clash and args.study == "base" else ""
@@ -500,7 +592,8 @@ def check_runs(args):
     checks = dict(lora=[(lora_finetune, LORA_RUNS, True)], base=[(train, BASE_RUNS, True)],
                   controlnet=[(controlnet_train, CONTROLNET_RUNS, True)],
                   quant=[(quantize, QUANT_RUNS, False), (lora_finetune, {"adapters": []}, True)],
-                  dit=[(train, DIT_RUNS, True), (lora_finetune, DIT_LORA_RUNS, True)])[args.study]
+                  dit=[(train, DIT_RUNS, True), (lora_finetune, DIT_LORA_RUNS, True)],
+                  lowrank=[(lora_finetune, {"full": ["--variant", "full"], "AdaLoRA": ADALORA_RUN}, True)])[args.study]
     for script, runs, with_flags_ in checks:
         for name, flags in runs.items():
             said = io.StringIO()
@@ -517,10 +610,10 @@ def main(argv=None):
     args = parse_args(argv)
     out = args.out or f"docs/ablation-{args.study}.md"
     check_writable(out)
-    if args.study == "dit":
-        check_writable(os.path.join(args.figures, "dit_designs.png"))
+    for figure in dict(dit=["dit_designs.png"], lowrank=[f"lowrank_{s}.png" for s in STYLES]).get(args.study, []):
+        check_writable(os.path.join(args.figures, figure))
     check_runs(args)
-    if args.study in ("lora", "controlnet", "quant") and not os.path.isfile(args.base):
+    if args.study in ("lora", "controlnet", "quant", "lowrank") and not os.path.isfile(args.base):
         raise FileNotFoundError(f"--base {args.base} not found (train.py writes one; the shipped one is "
                                 f"{SHIPPED_CHECKPOINT})")
     device = pick_device(args.device)
@@ -529,7 +622,7 @@ def main(argv=None):
     labels = digit_labels(range(10), args.per_digit, device)
     start = time.time()
     study = dict(lora=lora_study, base=base_study, controlnet=controlnet_study, quant=quant_study,
-                 dit=dit_study)[args.study]
+                 dit=dit_study, lowrank=lowrank_study)[args.study]
     lines, notes, sampler = study(args, device, judge, labels)
     header = [f"# Ablation: {args.study}\n",
               f"`python ablate.py {args.study}` on {hardware_name(device)}, PyTorch {torch.__version__}, "

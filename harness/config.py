@@ -43,8 +43,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     style: str = "bold"               # the data the adapter learns (styles.py); 'none' = plain MNIST
-    variant: str = "lora"             # 'lora', or 'dora': a learned magnitude per output (lora.py)
-    rank: int = 8
+    variant: str = "lora"             # lora, dora, adalora or full (model/adapters.py)
+    rank: int = 8                     # AdaLoRA: the average rank its layers end with
+    init_rank: int = 0                # AdaLoRA: every layer's rank at the start (0: 1.5 x rank, as peft's 12 -> 8)
     alpha: float = 8.0                # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
     rslora: bool = False              # rank-stabilised scaling alpha / sqrt(rank) (rsLoRA)
     targets: tuple = ("attn", "conv")  # layer groups or names to adapt (lora.py)
@@ -59,6 +60,16 @@ class LoraConfig:
     p_uncond: float = 0.1
     min_snr_gamma: float = None       # None: the base model's (an adapter trains on its base's objective)
     seed: int = 0
+    prune_window: tuple = (0.2, 0.8)  # AdaLoRA: the shares of the run between which the ranks fall
+    prune_every: int = 10             # AdaLoRA: steps between two maskings
+    orth_weight: float = 0.1          # AdaLoRA: weight of the orthogonality penalty
+
+
+def starting_rank(config):
+    """The rank of an adapter's tensors (config: a LoraConfig's dict): AdaLoRA starts wider than it ends."""
+    if config.get("variant") != "adalora":
+        return int(config["rank"] if "rank" in config else config["r"])  # files before 'rank' said 'r'
+    return int(config.get("init_rank") or config["rank"] * 3 // 2)
 
 
 # A DiT has no convolutions: its adapters take the attention (projections and output) and the MLPs.
@@ -89,10 +100,15 @@ class SampleConfig:
     batch_size: int = 1000            # digits sampled at once
 
 
+# Full fine-tuning moves every weight by about the learning rate each Adam step, so it runs far below an
+# adapter's rate, whose B A starts from zero (docs/lowrank.md).
+FULL_LR = 1e-3
+
 PRESETS = {
     "gpu": dict(train=TrainConfig(),
                 dit=TrainConfig(backbone="dit", patch=2, width=256, depth=8, t_sampling="logit-normal"),
-                lora=LoraConfig(epochs=3, batch_size=512), control=ControlConfig(epochs=3),
+                lora=LoraConfig(epochs=3, batch_size=512), full=LoraConfig(variant="full", epochs=3, batch_size=512, lr=FULL_LR),
+                control=ControlConfig(epochs=3),
                 sample=SampleConfig(), dit_sample=SampleConfig()),
     # The small model trains for one epoch. It draws the middle steps, where a digit takes shape, more often
     # (logit-normal t), warms up longer to steady its first steps, and reads the label at 7x7 and in the
@@ -103,6 +119,7 @@ PRESETS = {
                 dit=TrainConfig(backbone="dit", patch=4, width=64, depth=4, total_steps=7500, batch_size=32,
                                 lr=2e-3, warmup=200, t_sampling="logit-normal"),
                 lora=LoraConfig(total_steps=500, batch_size=32, lr=4e-3),
+                full=LoraConfig(variant="full", total_steps=500, batch_size=32, lr=FULL_LR),
                 control=ControlConfig(total_steps=1500, batch_size=32, lr=2e-3),
                 # The small model needs guidance on the noisiest steps too: from t = 82 (sigma 0.28) to the top.
                 # Fresh noise at every step (eta 1) undoes some of the small model's errors, so less guidance

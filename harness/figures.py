@@ -91,3 +91,32 @@ def save_strip_gif(path, frames, zoom=3, ms=150):
         pictures.append(canvas)
     pictures += pictures[-2:0:-1]
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=ms, loop=0)
+
+
+def save_spectrum(path, energy, ranks, title, max_k=32):
+    """Left: the share of dW's energy in its first k directions, one line per layer group (the mean of its
+    layers; energy: {group: [layers, k]}). Right: bars of each group's mean rank, one bar per source
+    (ranks: {source: {group: mean rank}}), e.g. the full update's effective rank beside AdaLoRA's ranks."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for group, curves in energy.items():
+        mean = curves.mean(0)[:max_k]
+        left.plot(range(1, len(mean) + 1), mean, marker=".", label=f"{group} ({len(curves)})")
+    left.set_xlabel("k, the first k singular directions")
+    left.set_ylabel("share of ||dW||^2 kept")
+    left.set_ylim(0, 1.02)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    left.set_title("the full fine-tune's update, per layer group")
+    groups = list(energy)
+    width = 0.8 / max(1, len(ranks))
+    for i, (source, by_group) in enumerate(ranks.items()):
+        xs = [g + i * width for g in range(len(groups))]
+        right.bar(xs, [by_group.get(g, 0) for g in groups], width, label=source)
+    right.set_xticks([g + width * (len(ranks) - 1) / 2 for g in range(len(groups))], groups, rotation=20, fontsize=8)
+    right.set_ylabel("rank per layer (group mean)")
+    right.legend(fontsize=8)
+    right.set_title("where the rank goes")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -39,12 +39,15 @@ import torch
 from torchvision.io import ImageReadMode, read_image
 from torchvision.transforms.v2.functional import resize
 
+from model.adalora import AdaLoraMixin
 from model.adapters import inject_lora
 from model.controlnet import ControlNet
 from model.diffusion import Diffusion
 from model.dit import DiT
 from model.quant import quantize_model
 from model.unet import UNet
+
+from .config import starting_rank
 
 BACKBONES = {"unet": UNet, "dit": DiT}
 
@@ -234,6 +237,13 @@ def export_model(path, out, dtype=torch.float16):
     save_file(slim, out)
 
 
+def export_adapter(path, out, dtype=torch.float16):
+    """An adapter file with its tensors in `dtype`: a full fine-tune's dW in half the bytes."""
+    adapter = {k: v for k, v in load_file(path, ADAPTER_KIND).items() if k != "checksum"}
+    adapter["tensors"] = {k: v.to(dtype) for k, v in adapter["tensors"].items()}
+    save_file(adapter, out)
+
+
 def quantized_file(path, block, double_quant, keep, device="cpu", dtype=torch.float16):
     """A 4-bit checkpoint of the model at `path` (its averaged weights): the layers of quantize_model in NF4
     (codes and fp32 constants), the rest in `dtype` as export_model writes it. It records how it was quantised
@@ -293,7 +303,7 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
     adapter = load_file(path, ADAPTER_KIND, device)
     try:
         config, tensors, base_fp = adapter["config"], adapter["tensors"], adapter["base_fingerprint"]
-        rank = int(config["rank"] if "rank" in config else config["r"])  # files before 'rank' said 'r'
+        rank = starting_rank(config)
         alpha, targets = float(config["alpha"]), tuple(config["targets"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is a damaged adapter file (missing {e})")
@@ -318,6 +328,8 @@ def load_lora(model, path, device="cpu", base_fingerprint=None):
         for path_, layer in layers.items():
             for name, p in layer.named_parameters(recurse=False):
                 p.copy_(tensors[f"{path_}.{name}"])
+            if isinstance(layer, AdaLoraMixin):
+                layer.keep(layer.lora_E != 0)  # the triplets AdaLoRA kept: the others' lambda was saved as 0
     return adapter, layers
 
 
@@ -385,6 +397,8 @@ def export_peft(adapter_path, out_dir):
     `peft.PeftModel.from_pretrained(unet, out_dir)` loads onto a UNet of the base the adapter was trained on."""
     adapter = load_file(adapter_path, ADAPTER_KIND)
     config, tensors = adapter["config"], adapter["tensors"]
+    if config.get("variant", "lora") not in ("lora", "dora"):
+        raise ValueError(f"{adapter_path} is a {config['variant']} adapter; peft's LoRA layout holds LoRA and DoRA only")
     paths = sorted({key.rsplit(".", 1)[0] for key in tensors})
     peft_config = dict(peft_type="LORA", r=int(config.get("rank", config.get("r"))), lora_alpha=float(config["alpha"]),
                        target_modules=paths, use_rslora=bool(config.get("rslora", False)),

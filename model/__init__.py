@@ -13,6 +13,8 @@ Read it in this order, one chapter per file:
     styles.py      the styles a LoRA adapter learns: bold, italic, inverted
     lora.py        low-rank adaptation of a linear or conv layer (LoRA, LoCon, rsLoRA)
     dora.py        DoRA: a learned magnitude beside LoRA's direction
+    lowrank.py     full fine-tuning as an adapter; the spectrum of its update; a LoRA cut from it by SVD
+    adalora.py     AdaLoRA: the update as an SVD, importance scores, a falling rank budget
     adapters.py    adapters put into a model: targets, on/off, blending, stacking, merging, LoRA+
     controls.py    the shapes a ControlNet follows: skeleton, edges, sketch
     controlnet.py  a ControlNet: the locked UNet steered by a trainable copy of its encoder, zero convs

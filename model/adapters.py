@@ -1,7 +1,8 @@
 """Putting adapters into a model: which layers, switching them off and on, stacking, merging.
 
-`inject_lora` walks the model and wraps every layer whose attribute name is a target in a LoRA layer
-(lora.py) or a DoRA layer (dora.py), then freezes everything but the adapters. The target groups:
+`inject_lora` walks the model and wraps every layer whose attribute name is a target in an adapter of
+one variant -- LoRA (lora.py), DoRA (dora.py), AdaLoRA (adalora.py) or a full update, full fine-tuning
+written as an adapter (lowrank.py) -- then freezes everything but the adapters. The target groups:
 
     attn   the attention projections w_q, w_k, w_v: the label's way in (attention.py; in a DiT, dit.py,
            its self-attention over patches as well)
@@ -18,12 +19,16 @@ wide layers, so B gets lr_ratio times A's rate.
 """
 import torch.nn as nn
 
+from .adalora import AdaLoraConv2d, AdaLoraLayer
 from .dora import DoraConv2d, DoraLayer, DoraMixin
-from .lora import LoraBase, LoraConv2d, LoraLayer, bottom
+from .lora import Adapter, LoraConv2d, LoraLayer, bottom
+from .lowrank import FullUpdate
 
 TARGET_GROUPS = {"attn": ("w_q", "w_k", "w_v"), "conv": ("conv1", "conv2"), "mlp": ("fc1", "fc2")}
 VARIANTS = {"lora": {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d},
-            "dora": {nn.Linear: DoraLayer, nn.Conv2d: DoraConv2d}}
+            "dora": {nn.Linear: DoraLayer, nn.Conv2d: DoraConv2d},
+            "adalora": {nn.Linear: AdaLoraLayer, nn.Conv2d: AdaLoraConv2d},
+            "full": {nn.Linear: FullUpdate, nn.Conv2d: FullUpdate}}
 
 
 def target_names(targets):
@@ -33,14 +38,14 @@ def target_names(targets):
 
 def inject_lora(model, targets=("attn",), rank=4, alpha=4.0, dropout=0.0, variant="lora", rslora=False):
     """Wrap every nn.Linear / nn.Conv2d whose attribute name is in `targets` (groups or names) in an adapter
-    layer of `variant` (lora or dora); freeze everything else. Returns {path of the layer: adapter layer},
+    layer of `variant` (lora, dora, adalora or full); freeze everything else. Returns {path of the layer: adapter layer},
     in module order. A target that names no layer of the model is refused."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown LoRA variant {variant!r}: choose {' or '.join(VARIANTS)}")
+        raise ValueError(f"unknown adapter variant {variant!r}: choose {', '.join(VARIANTS)}")
     model.requires_grad_(False)
     found, layers = set(), {}
     for path, module in list(model.named_modules()):
-        if isinstance(module, LoraBase):
+        if isinstance(module, Adapter):
             continue  # its children are the layer it wraps; the wrapper itself is what gets stacked on
         for name, child in list(module.named_children()):
             base = bottom(child)  # a 4-bit layer (quant.py) `stores` a Linear or a Conv2d, and is adapted as one
@@ -65,7 +70,7 @@ def inject_lora(model, targets=("attn",), rank=4, alpha=4.0, dropout=0.0, varian
 
 
 def lora_layers(model):
-    return [m for m in model.modules() if isinstance(m, LoraBase)]
+    return [m for m in model.modules() if isinstance(m, Adapter)]
 
 
 def set_lora(model, enabled=True, scale=1.0):
@@ -85,8 +90,10 @@ def unmerge_lora(model):
 
 
 def param_groups(layers, lr, lr_ratio=1.0):
-    """The optimizer's parameter groups: A (and DoRA's magnitude) at `lr`, B at lr_ratio x lr (LoRA+).
+    """The optimizer's parameter groups: B at lr_ratio x lr (LoRA+), the rest (A, DoRA's magnitude, AdaLoRA's
+    lambda, a full update) at `lr`.
     `lr_scale` is the group's share of the schedule's learning rate (training.py)."""
-    b = [layer.lora_B for layer in layers.values()]
-    rest = [p for layer in layers.values() for name, p in layer.named_parameters(recurse=False) if name != "lora_B"]
-    return [dict(params=rest, lr=lr, lr_scale=1.0), dict(params=b, lr=lr * lr_ratio, lr_scale=lr_ratio)]
+    named = [(name, p) for layer in layers.values() for name, p in layer.named_parameters(recurse=False)]
+    b, rest = [p for name, p in named if name == "lora_B"], [p for name, p in named if name != "lora_B"]
+    groups = [dict(params=rest, lr=lr, lr_scale=1.0), dict(params=b, lr=lr * lr_ratio, lr_scale=lr_ratio)]
+    return [g for g in groups if g["params"]]  # a full update has no B

@@ -16,14 +16,14 @@ adapter cannot be stacked with another adapter on the same layer.
 import torch
 import torch.nn as nn
 
-from .lora import LoraBase, LoraConv2d, LoraLayer
+from .lora import Adapter, LoraConv2d, LoraLayer
 
 
 class DoraMixin:
     """Turns a LoRA layer into a DoRA layer: a learned magnitude per output on top of its direction."""
 
     def __init__(self, base, rank=4, alpha=4.0, dropout=0.0, rslora=False):
-        if isinstance(base, LoraBase):
+        if isinstance(base, Adapter):
             raise ValueError("a DoRA adapter rescales the whole weight, so it cannot be stacked with another adapter")
         if dropout > 0:
             raise ValueError("DoRA forms the adapted weight itself and takes no dropout")

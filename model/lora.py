@@ -33,32 +33,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class LoraBase(nn.Module):
-    """A frozen layer plus a trainable low-rank update gamma * B A. Subclasses say what A and B are."""
+class Adapter(nn.Module):
+    """A frozen layer plus a trainable update of its weight, dW; the user blends it in by `scale`.
 
-    def __init__(self, base, rank, alpha, dropout, a_shape, b_shape, rslora=False):
+    What every adapter shares -- on/off, the blend, merging dW into W0 and taking it out -- lives here;
+    what dW is (a low-rank B A here, a full tensor in lowrank.py, an SVD in adalora.py) is a subclass's."""
+
+    def __init__(self, base):
         super().__init__()
-        # dW = B A is an out x (in * k * k) matrix: past its smaller side a "low-rank" update is a full one
-        width = min(b_shape[0], math.prod(a_shape[1:]))
-        if not 1 <= rank <= width:
-            raise ValueError(f"LoRA rank must be between 1 and the layer's width {width}, got {rank}")
         self.base = base.requires_grad_(False)  # W0 and b (or an adapter already stacked on them): frozen
-        self.rank, self.alpha, self.rslora = rank, alpha, rslora
-        self.gamma = alpha / math.sqrt(rank) if rslora else alpha / rank
-        device = self.weight.device
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True       # False: behave exactly like the layer underneath
         self.scale = 1.0          # the user's blend: 0 = base model, 1 = full adapter
         self.merged_scale = None  # the scale folded into W0 while merged, else None
 
     # What a subclass provides, one line each:
-    def update(self, x):                      # B A x, the low-rank path alone
+    def update(self, x):                      # dW x, the update's output alone (no bias)
         raise NotImplementedError
 
-    def delta_weight(self, scale=None):       # scale * gamma * B A, shaped like W0
+    def delta_weight(self, scale=None):       # scale * dW, shaped like W0
         raise NotImplementedError
 
     def layer_with(self, x, weight):          # the plain layer computed with another weight (and its bias)
@@ -77,7 +69,7 @@ class LoraBase(nn.Module):
     def forward(self, x):
         h = self.base(x)  # W0 x + b (W0 already holds dW when merged)
         if self.active:
-            h = h + (self.gamma * self.scale) * self.update(self.dropout(x))
+            h = h + self.scale * self.update(x)
         return h
 
     def check_mergeable(self):
@@ -101,6 +93,34 @@ class LoraBase(nn.Module):
             self.weight.sub_(self.delta_weight(self.merged_scale).to(self.weight.dtype))
             self.merged_scale = None
 
+
+class LoraBase(Adapter):
+    """dW = gamma * B A, two thin trainable matrices. Subclasses say what A and B are for their layer."""
+
+    def __init__(self, base, rank, alpha, dropout, a_shape, b_shape, rslora=False):
+        super().__init__(base)
+        # dW = B A is an out x (in * k * k) matrix: past its smaller side a "low-rank" update is a full one
+        width = min(b_shape[0], math.prod(a_shape[1:]))
+        if not 1 <= rank <= width:
+            raise ValueError(f"LoRA rank must be between 1 and the layer's width {width}, got {rank}")
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.gamma = alpha / math.sqrt(rank) if rslora else alpha / rank
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def update(self, x):
+        return self.gamma * self.low_rank(self.dropout(x))
+
+    def low_rank(self, x):                    # B A x, through the two thin factors (a subclass's)
+        raise NotImplementedError
+
+    def factor_A(self):
+        """A as the update applies it: lora_A itself here; AdaLoRA (adalora.py) scales its rows by lambda."""
+        return self.lora_A
+
     def extra_repr(self):
         return f"rank={self.rank}, alpha={self.alpha}" + (", rslora" if self.rslora else "")
 
@@ -112,13 +132,13 @@ class LoraLayer(LoraBase):
         out_features, in_features = base.weight.shape
         super().__init__(base, rank, alpha, dropout, (rank, in_features), (out_features, rank), rslora)
 
-    def update(self, x):
+    def low_rank(self, x):
         # Two thin products, x -> A x (rank numbers) -> B A x: never forms the out x in matrix.
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(F.linear(x, self.factor_A()), self.lora_B)
 
     def delta_weight(self, scale=None):
         scale = self.scale if scale is None else scale
-        return (self.lora_B @ self.lora_A) * (self.gamma * scale)  # [out, in]
+        return (self.lora_B @ self.factor_A()) * (self.gamma * scale)  # [out, in]
 
     def layer_with(self, x, weight):
         return F.linear(x, weight, bottom(self).bias)
@@ -134,19 +154,19 @@ class LoraConv2d(LoraBase):
         conv = bottom(base)
         self.stride, self.padding = conv.stride, conv.padding
         # One conv with W0 + dW needs a plain conv under it, and no dropout (which acts on the update's input alone).
-        self.one_conv = dropout == 0 and not isinstance(base, LoraBase)
+        self.one_conv = dropout == 0 and not isinstance(base, Adapter)
 
     def forward(self, x):
         if self.one_conv and self.active:
             return self.layer_with(x, self.weight + self.delta_weight())  # gradients reach A and B through dW
-        return super().forward(x)  # W0 x + b + gamma s B A x, in three convs
+        return super().forward(x)  # W0 x + b + s gamma B A x, in three convs
 
-    def update(self, x):
-        return F.conv2d(F.conv2d(x, self.lora_A, stride=self.stride, padding=self.padding), self.lora_B)
+    def low_rank(self, x):
+        return F.conv2d(F.conv2d(x, self.factor_A(), stride=self.stride, padding=self.padding), self.lora_B)
 
     def delta_weight(self, scale=None):
         scale = self.scale if scale is None else scale
-        dW = self.lora_B.flatten(1) @ self.lora_A.flatten(1)  # [out, rank] @ [rank, in*k*k]
+        dW = self.lora_B.flatten(1) @ self.factor_A().flatten(1)  # [out, rank] @ [rank, in*k*k]
         return dW.view(len(dW), *self.lora_A.shape[1:]) * (self.gamma * scale)  # [out, in, k, k]
 
     def layer_with(self, x, weight):
@@ -155,6 +175,6 @@ class LoraConv2d(LoraBase):
 
 def bottom(layer):
     """The plain nn.Linear / nn.Conv2d under any stack of adapters."""
-    while isinstance(layer, LoraBase):
+    while isinstance(layer, Adapter):
         layer = layer.base
     return layer

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import LoraBase, bottom
+from .lora import Adapter, bottom
 
 BLOCK, CONSTANT_BLOCK = 64, 256  # weights per absmax; absmax constants per second-level scale
 NF4_OFFSET = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2
@@ -209,15 +209,15 @@ def merge_requantized(model):
     One-way and lossy: the sum is rounded to the code book, and dW is often smaller than the rounding."""
     for path, module in list(model.named_modules()):
         for name, stack in list(module.named_children()):
-            if not isinstance(stack, LoraBase) or not isinstance(bottom(stack), (Linear4bit, Conv2d4bit)):
+            if not isinstance(stack, Adapter) or not isinstance(bottom(stack), (Linear4bit, Conv2d4bit)):
                 continue
             four_bit, plain = bottom(stack), dequantized_layer(bottom(stack))
             inner = stack
-            while isinstance(inner.base, LoraBase):
+            while isinstance(inner.base, Adapter):
                 inner = inner.base
             inner.base = plain  # W0 as a full-precision layer, so that the adapters merge into it exactly
             layer = stack
-            while isinstance(layer, LoraBase):
+            while isinstance(layer, Adapter):
                 layer.merge()
                 layer = layer.base
             w = four_bit.weight_4bit

@@ -36,18 +36,19 @@ def autocast(device):
 
 
 def train_step(model, diffusion, optimizer, ema, x_0, y, step, lr, p_uncond, min_snr_gamma, t_sampling,
-               forward=None):
+               forward=None, penalty=None):
     """One optimizer step at learning rate `lr` on the batch (x_0 [B,1,28,28], y [B]); returns the loss.
 
     `forward` runs the network (a torch.compile'd `model`, say); `model` itself owns the parameters and
     the EMA. A parameter group with an `lr_scale` runs at that multiple of `lr` (LoRA+'s B, adapters.py).
+    `penalty()`, if given, is added to the loss before the backward pass (AdaLoRA's orthogonality).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     with autocast(x_0.device):
         loss = diffusion.loss(forward or model, x_0, y, p_uncond, min_snr_gamma, t_sampling)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss + penalty() if penalty else loss).backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     ema.update(model, step)

@@ -233,5 +233,5 @@ def test_conv_lora_runs_as_one_conv_with_the_gradients_of_three():
     assert not top.one_conv
     with torch.no_grad():
         top.lora_B.normal_()
-    expected = conv(x) + layer.gamma * layer.update(x) + top.gamma * top.update(x)
+    expected = conv(x) + layer.update(x) + top.update(x)
     assert (top(x) - expected).abs().max() < 1e-4

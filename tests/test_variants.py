@@ -222,3 +222,26 @@ def test_the_dit_ablation_gives_each_design_the_unets_seconds(data_dir, tmp_path
     assert float(dit[7]) < float(unet[7])  # GFLOP a forward: the small DiT is cheaper than the UNet
     assert rows["| MLP (`--targets mlp`)"][2].count("%") == 2 and "LoRA off" in text
     assert os.path.getsize(tmp_path / "fig" / "dit_designs.png") > 1000
+
+
+def test_the_lowrank_study_scores_the_full_fine_tune_its_cuts_the_trained_loras_and_adalora(data_dir, tmp_path, monkeypatch):
+    import ablate
+    base = str(tmp_path / "model.pt")
+    train.main(["--data-dir", data_dir, "--out", base, "--channels", "16,32,32", "--batch-size", "16",
+                "--max-steps", "2", "--device", "cpu", "--figures", str(tmp_path / "fig")])
+    monkeypatch.setattr(ablate, "LOWRANK_RANKS", (1, 2))
+    monkeypatch.setattr(ablate, "STYLES", ("bold",))
+    common = ["lowrank", "--base", base, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu", "--work",
+              str(tmp_path / "work"), "--out", str(tmp_path / "lowrank.md"), "--figures", str(tmp_path / "fig"),
+              "--classifier", os.path.join(os.path.dirname(ablate.__file__), "pretrained", "classifier.pt")]
+    with pytest.raises(ValueError, match="sets --variant itself"):
+        ablate.main([*common, "--flags", "--variant dora"])
+    text = ablate.main([*common, "--flags", "--total-steps 10 --batch-size 16"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert {"full fine-tune (`--variant full`)", "cut from the full fine-tune at r=1", "LoRA trained at r=2",
+            "AdaLoRA 12 -> 8 (`--variant adalora`)"} <= set(rows)
+    cut, trained = rows["cut from the full fine-tune at r=2"], rows["LoRA trained at r=2"]
+    assert cut[1] == trained[1] and cut[2] == ""  # the same size; a cut is not trained
+    assert int(rows["full fine-tune (`--variant full`)"][1].replace(",", "")) > int(trained[1].replace(",", ""))
+    assert "| attention |" in text and os.path.getsize(tmp_path / "fig" / "lowrank_bold.png") > 1000
+    assert torch.load(tmp_path / "work" / "bold-cut1.pt", weights_only=True)["config"]["extracted_from"] == "bold-full.pt"
