@@ -505,7 +505,9 @@ def lowrank_study(args, device, judge, labels):
         runs = [("full fine-tune (`--variant full`)", work("full"), ["--variant", "full"])]
         runs += [(f"LoRA trained at r={r}" + (" (the preset)" if r == 8 else ""), work(f"r{r}"), ["--rank", str(r)])
                  for r in LOWRANK_RANKS]
-        runs += [("AdaLoRA 12 -> 8 (`--variant adalora`)", work("adalora"), ADALORA_RUN)]
+        runs += [("AdaLoRA 12 -> 8 (`--variant adalora`)", work("adalora"), ADALORA_RUN),
+                 ("AdaLoRA's SVD form alone: 8 -> 8, no pruning (`--init-rank 8`)", work("svd8"),
+                  [*ADALORA_RUN, "--init-rank", "8"])]
         for name, out, flags in runs:
             print(f"== {style}: {name}", flush=True)
             seconds, _ = fine_tune(args, device, out, style, flags)
@@ -519,7 +521,8 @@ def lowrank_study(args, device, judge, labels):
                             score_adapter(args, device, judge, labels, cut, style, off), cut)
         figure, r = os.path.join(args.figures, f"lowrank_{style}.png"), 8 if 8 in LOWRANK_RANKS else LOWRANK_RANKS[-1]
         table = lora_extract.main(["--full", work("full"), "--base", args.base, "--rank", str(r), "--adapters",
-                                   work(f"r{r}"), work("adalora"), "--spectrum", figure])["lines"]
+                                   work(f"r{r}"), work("adalora")])["lines"]
+        lora_extract.main(["--full", work("full"), "--base", args.base, "--adapters", work("adalora"), "--spectrum", figure])
         spectra += [f"**{style}**: the full fine-tune's update per layer group; beside it the rank of the "
                     f"LoRA trained at r={r} ({os.path.basename(work(f'r{r}'))}) and AdaLoRA's per-layer ranks "
                     f"({os.path.basename(work('adalora'))}); figure: {figure}.\n", *table, ""]
@@ -532,8 +535,8 @@ def lowrank_study(args, device, judge, labels):
     lines = head + [lowrank_row(name, rows[name]) for name in order]
     notes = [f"Real-data floor of the FID against real styled digits: "
              + ", ".join(f"{s} {rows[order[0]][s]['on']['fid_floor']:.2f}" for s in STYLES) + ". Numbers: what the "
-             "adapter adds (AdaLoRA: the kept triplets only, its file holds all 12 a layer with the rest at zero; per "
-             "style when they differ). Fine-tuning: the lora_finetune.py process and its training loop, seconds, "
+             "adapter adds (AdaLoRA: the kept triplets only; its file holds every starting triplet, the pruned ones at "
+             "zero; per style when they differ). Fine-tuning: the lora_finetune.py process and its training loop, seconds, "
              "the mean over the styles; a cut takes a few SVDs (no training).", "", *spectra]
     return lines, notes, describe(**score_sampling(args, device))
 

@@ -96,6 +96,10 @@ RESULTS = [  # what the README quotes: (row, evaluate.py flags)
     ("the 4-bit model + the full-precision bold adapter", "--ckpt pretrained/model-nf4.pt --lora pretrained/bold.pt --per-digit 100"),
     ("the Diffusion Transformer (DiT preset)", "--ckpt pretrained/dit.pt --per-digit 200"),
     ("the DiT + its bold adapter", "--ckpt pretrained/dit.pt --lora pretrained/dit-bold.pt --per-digit 100"),
+    ("bold, full fine-tuning of the adapter's layers", f"{SHIPPED} --lora pretrained/bold-full.pt --per-digit 100"),
+    ("italic, full fine-tuning of the adapter's layers", f"{SHIPPED} --lora pretrained/italic-full.pt --per-digit 100"),
+    ("bold AdaLoRA adapter", f"{SHIPPED} --lora pretrained/bold-adalora.pt --per-digit 100"),
+    ("italic AdaLoRA adapter", f"{SHIPPED} --lora pretrained/italic-adalora.pt --per-digit 100"),
 ]
 
 

@@ -9,7 +9,8 @@
 Prints a table, one row per group of layers (the attention projections; the convolutions of each UNet
 level): how many of dW's directions hold all but 10% and all but 1% of its energy (the effective rank of
 model/lowrank.py), the share the first --rank directions hold, and beside them the rank of each adapter
-given with --adapters (a trained LoRA's, AdaLoRA's per layer). With --out, writes the truncated SVD of
+given with --adapters (a trained LoRA's, AdaLoRA's per layer) and how many of its own update's directions
+hold 90% of its energy. With --out, writes the truncated SVD of
 every layer's dW as an ordinary LoRA file (alpha = rank), which denoise.py and evaluate.py load as any
 other; with --spectrum, draws the energy curves and the ranks.
 """
@@ -78,10 +79,10 @@ def spectrum_table(deltas, rank, beside=()):
         groups.setdefault(layer_group(path), []).append(path)
     head = (["layer group", "layers", "size of dW"] + [f"rank holding {100 * (1 - e):g}% of the energy" for e in EPS]
             + [f"the same for random noise of that size", f"energy in {rank} directions"]
-            + [f"rank in {name}" for name, _ in beside])
+            + [f"{name}: rank (rank holding {100 * (1 - EPS[0]):g}%)" for name, _, _ in beside])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     energy, mean_ranks = {}, {f"full fine-tune, rank holding {100 * (1 - EPS[0]):g}%": {}}
-    mean_ranks.update({name: {} for name, _ in beside})
+    mean_ranks.update({name: {} for name, _, _ in beside})
     for group, paths in groups.items():
         sigmas = [singular_values(deltas[p]) for p in paths]
         curves = [energy_captured(s) for s in sigmas]
@@ -96,9 +97,9 @@ def spectrum_table(deltas, rank, beside=()):
         cells.append(f"{sum(noise) / len(noise):.1f}")  # what no structure at all would give
         kept = [c[min(rank, len(c)) - 1].item() for c in curves]
         cells.append(f"{100 * sum(kept) / len(kept):.0f}%")
-        for name, ranks in beside:
-            r = [ranks.get(p, 0) for p in paths]
-            cells.append(f"{sum(r) / len(r):.1f} ({min(r)}-{max(r)})")
+        for name, ranks, effective in beside:
+            r, e = [ranks.get(p, 0) for p in paths], [effective.get(p, 0) for p in paths]
+            cells.append(f"{sum(r) / len(r):.1f} ({min(r)}-{max(r)}) ({sum(e) / len(e):.1f})")
             mean_ranks[name][group] = sum(r) / len(r)
         lines.append("| " + " | ".join(cells) + " |")
         width = min(len(c) for c in curves)
@@ -136,10 +137,11 @@ def main(argv=None):
                          f"choose --rank at most {narrow}")
     beside = []
     for path in args.adapters:
-        _, adapted = updates(base, path, args.device)
+        their, adapted = updates(base, path, args.device)
         if any(isinstance(layer, FullUpdate) for layer in adapted.values()):
             raise ValueError(f"{path} is a full fine-tune; --adapters takes low-rank adapters")
-        beside.append((os.path.basename(path), {p: adapter_rank(layer) for p, layer in adapted.items()}))
+        beside.append((os.path.basename(path), {p: adapter_rank(layer) for p, layer in adapted.items()},
+                       {p: effective_rank(singular_values(dW), EPS[0]) for p, dW in their.items()}))
     lines, energy, ranks = spectrum_table(deltas, args.rank, beside)
     print(f"{args.full}: {len(deltas)} layers, style {full['config'].get('style')}")
     print("\n".join(lines))

@@ -14,9 +14,9 @@ freezes everything else and runs the training step of train.py over the adapter 
 --style (model/styles.py), with the objective the base was trained with. `--variant full` trains the same
 layers' whole weights instead (model/lowrank.py), at its own preset's learning rate, and saves only their
 change; `--variant adalora` adds the orthogonality penalty to the loss and, after every step, scores and
-masks the triplets (model/adalora.py). The output file holds only the
-adapter: its tensors (averaged, as for the base), its config (rank, alpha, targets, style) and the base
-model's fingerprint. What --resume needs (the live tensors, the optimizer, the random state) goes to a file
+masks the triplets (model/adalora.py). The output file holds only the adapter: its tensors (averaged, as
+for the base), its config (rank, alpha, targets, style; AdaLoRA's final ranks) and the base model's
+fingerprint. What --resume needs (the live tensors, the optimizer, the random state) goes to a file
 beside it (lora.pt -> lora.pt.resume), written together with it.
 """
 import os
@@ -56,7 +56,8 @@ def parse_args(argv=None):
                                                      f"{default.rank})")
     p.add_argument("--init-rank", type=positive_int, help="AdaLoRA: every layer's rank at the start (default 1.5 x --rank)")
     p.add_argument("--alpha", type=at_most(MAX_ALPHA, "alpha / rank scales the update", positive_float), help="LoRA alpha; the update is scaled by alpha / rank "
-                                                     f"(default: the preset's, {default.alpha:g})")
+                                                     f"(default: the preset's, {default.alpha:g}; AdaLoRA's "
+                                                     f"{PRESETS['cpu']['adalora'].alpha:g})")
     p.add_argument("--rslora", action="store_const", const=True, help="scale the update by alpha / sqrt(rank) (rsLoRA)")
     p.add_argument("--lr-ratio", type=positive_float,
                    help="LoRA+: B's learning rate = this times A's (--lr); default 1, plain LoRA")
@@ -93,7 +94,7 @@ def resolve_config(args, base, saved, base_fp, preset):
             raise ValueError(f"--resume: {args.out} and {resume_path(args.out)} are from different saves; "
                              "start over with --force")
         return resumed_config(LoraConfig(**saved["config"]), args)
-    config = with_flags(preset_named(preset)["full" if args.variant == "full" else "lora"], args)
+    config = with_flags(preset_named(preset)[args.variant if args.variant in ("full", "adalora") else "lora"], args)
     if base.get("backbone") == "dit" and args.targets is None:
         config = replace(config, targets=DIT_LORA_TARGETS)
     if config.min_snr_gamma is None:  # train on the objective the base was trained with

@@ -9,7 +9,8 @@ A *preset* is one of each, sized for a machine. `cpu` is the design point: a 2-c
 which the three scripts finish in minutes. `gpu` is the full-size run for one CUDA GPU. train.py picks the
 preset from the device (`--preset auto`) and records its name in the checkpoint; lora_finetune.py and
 denoise.py then follow the checkpoint's preset. Any flag given on the command line wins over the preset.
-Each preset trains a UNet (`train`) or, with `--backbone dit`, a Diffusion Transformer (`dit`).
+Each preset trains a UNet (`train`) or, with `--backbone dit`, a Diffusion Transformer (`dit`), and
+fine-tunes with a LoRA (`lora`), or with `--variant full` or `--variant adalora` at their own settings.
 """
 from dataclasses import dataclass, fields, replace
 
@@ -101,13 +102,16 @@ class SampleConfig:
 
 
 # Full fine-tuning moves every weight by about the learning rate each Adam step, so it runs far below an
-# adapter's rate, whose B A starts from zero (docs/lowrank.md).
+# adapter's rate, whose B A starts from zero. AdaLoRA's update grows only through lambda (P and Q are held
+# near orthonormal), about the learning rate a step: a larger alpha lets it reach a LoRA's size (docs/lowrank.md).
 FULL_LR = 1e-3
+ADALORA_ALPHA = 96.0
 
 PRESETS = {
     "gpu": dict(train=TrainConfig(),
                 dit=TrainConfig(backbone="dit", patch=2, width=256, depth=8, t_sampling="logit-normal"),
                 lora=LoraConfig(epochs=3, batch_size=512), full=LoraConfig(variant="full", epochs=3, batch_size=512, lr=FULL_LR),
+                adalora=LoraConfig(variant="adalora", alpha=ADALORA_ALPHA, epochs=3, batch_size=512),
                 control=ControlConfig(epochs=3),
                 sample=SampleConfig(), dit_sample=SampleConfig()),
     # The small model trains for one epoch. It draws the middle steps, where a digit takes shape, more often
@@ -120,6 +124,7 @@ PRESETS = {
                                 lr=2e-3, warmup=200, t_sampling="logit-normal"),
                 lora=LoraConfig(total_steps=500, batch_size=32, lr=4e-3),
                 full=LoraConfig(variant="full", total_steps=500, batch_size=32, lr=FULL_LR),
+                adalora=LoraConfig(variant="adalora", alpha=ADALORA_ALPHA, total_steps=500, batch_size=32, lr=4e-3),
                 control=ControlConfig(total_steps=1500, batch_size=32, lr=2e-3),
                 # The small model needs guidance on the noisiest steps too: from t = 82 (sigma 0.28) to the top.
                 # Fresh noise at every step (eta 1) undoes some of the small model's errors, so less guidance

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the shipped files from scratch on a CPU (about 30 minutes on 2 cores): the cpu preset's
 # model (fp16 averaged weights only), one adapter per style and two ControlNets, trained on that file, and
-# its 4-bit copy with a bold adapter trained on it (QLoRA), and the Diffusion Transformer's preset with a bold
-# adapter.
+# its 4-bit copy with a bold adapter trained on it (QLoRA), the Diffusion Transformer's preset with a bold
+# adapter, and the low-rank study's full fine-tunes and AdaLoRA adapters.
 # The evaluation classifier (classifier.pt) is trained by `python evaluate.py --classifier PATH` when
 # PATH does not exist; it is kept as it is here, since every FID depends on it.
 set -euo pipefail
@@ -35,3 +35,13 @@ python -c "from harness.files import export_model; export_model('checkpoints/pre
 python lora_finetune.py --base pretrained/dit.pt --style bold --out pretrained/dit-bold.pt --force \
   --figures checkpoints/figures
 rm -f pretrained/dit-bold.pt.resume
+# The low-rank study (ablate.py lowrank): full fine-tunes of bold and italic (dW alone, in fp16) and AdaLoRA
+# adapters, each at its preset, as the study trains them.
+for style in bold italic; do
+  python lora_finetune.py --base pretrained/model.pt --style $style --variant full --out "checkpoints/$style-full.pt" \
+    --force --figures checkpoints/figures
+  python -c "from harness.files import export_adapter; export_adapter('checkpoints/$style-full.pt', 'pretrained/$style-full.pt')"
+  python lora_finetune.py --base pretrained/model.pt --style $style --variant adalora --out "pretrained/$style-adalora.pt" \
+    --force --figures checkpoints/figures
+  rm -f "pretrained/$style-adalora.pt.resume"
+done

@@ -221,6 +221,10 @@ def test_adalora_run_prunes_to_the_budget_keeps_its_factors_orthogonal_and_round
     lora_finetune.main([*tune[:10], "--out", full, "--variant", "full", "--max-steps", "2"])
     out = lora_extract.main(["--full", full, "--base", ckpt, "--adapters", adapter, "--spectrum", spectrum])
     assert os.path.getsize(spectrum) > 1000 and set(out["ranks"]) >= {"ada.pt"}
+    # AdaLoRA stacks on a full update like any adapter: both blend in, and switching both off is the base.
+    stacked = denoise.main(["--ckpt", ckpt, "--lora", full, adapter, "--compare", "--steps", "2", "--per-digit", "1",
+                            "--device", "cpu", "--process", "", "--figures", str(tmp_path)])
+    assert torch.equal(stacked["off"], info["off"]) and not torch.equal(stacked["images"], info["images"])
     _one_line_error(_cli("lora_finetune.py", *tune[:10], "--out", str(tmp_path / "a2.pt"), "--variant", "adalora",
                          "--rank", "4", "--init-rank", "2"), "at least")
     _one_line_error(_cli("lora_finetune.py", *tune[:10], "--out", str(tmp_path / "a3.pt"), "--init-rank", "6"),
