@@ -25,9 +25,9 @@ import time
 import torch
 
 from harness.cli import OUTPUTS, Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
-from harness.figures import save_grid, save_strip_gif
+from harness.figures import save_grid, save_schedule, save_strip_gif
 from harness.files import save_npz
-from harness.sampling import (add_sampling_flags, adapter_name, control_inputs, default_checkpoint, describe,
+from harness.sampling import (add_sampling_flags, adapter_name, control_inputs, default_checkpoint, describe, guidance_scale,
                               digit_labels, generate, load_sampler, lora_scales, parse_interval, presets_text,
                               sampling_settings)
 from model.adapters import lora_layers, set_lora
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="PNG grid (default FIGURES/samples.png, or FIGURES/samples_STYLE.png with --lora)")
     p.add_argument("--process", help="PNG of the reverse chain, one digit per row "
                    "(default FIGURES/denoise_process.png without --lora; '' to skip)")
+    p.add_argument("--guidance-sweep", type=guidance_scale, nargs="+", metavar="S",
+                   help="draw the same noise at each guidance scale S, one panel each -> FIGURES/guidance_sweep.png")
     p.add_argument("--export", metavar="FILE.npz",
                    help="also save all samples: uint8 images [N,28,28] (0 = black) and int labels [N]")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slower start)")
@@ -88,7 +90,10 @@ def output_paths(args, tag):
                  process=("" if tag or args.controlnet else figure("denoise_process.png")) if args.process is None
                  else args.process,
                  compare=figure(f"compare_{tag}.png") if args.compare else "",
-                 sweep=figure(f"sweep_{tag}.png") if args.sweep else "", export=args.export or "")
+                 sweep=figure(f"sweep_{tag}.png") if args.sweep else "", export=args.export or "",
+                 guidance=figure(f"guidance_sweep{'_' + tag if tag else ''}.png") if args.guidance_sweep else "")
+    # The noise schedule goes with the reverse process's default figure: the same steps, seen as numbers.
+    paths["schedule"] = figure("noise_schedule.png") if paths["process"] and args.process is None else ""
     for what, path in paths.items():
         if path and what != "export" and not path.lower().endswith(".png"):
             raise ValueError(f"--{what} writes a PNG image: give a path ending in .png, got {path!r}")
@@ -153,7 +158,16 @@ def main(argv=None):
                                      f"{on_what}LoRA on ({adapter_name(adapters)})": grid(x)}, rows,
                   title=f"same seed, {name}")
     if args.sweep:
-        save_sweep(paths["sweep"], model, draw, digits, tag, name)
+        save_sweep(paths["sweep"], model, draw, digits, tag, describe(**sampling))  # the rows name the scales
+    if args.guidance_sweep:  # the same noise at each scale: guidance trades variety for the label
+        panels = {f"guidance {s:g}": grid(generate(model, diffusion, labels, seed=args.seed, batch_size=batch_size,
+                                                   **dict(sampling, guidance=s))) for s in args.guidance_sweep}
+        interval = sampling["guidance_interval"]
+        where = f" on t in [{interval[0]}, {interval[1]}]" if interval else " at every step"
+        save_grid(paths["guidance"], panels, rows, title=f"the same noise at each guidance scale{where}; "
+                  f"{sampling['sampler'].upper()}-{sampling['steps']}, eta {sampling['eta']:g}")
+    if paths["schedule"]:
+        save_schedule(paths["schedule"], diffusion, sampling["guidance_interval"])
     if paths["process"]:
         save_process(paths["process"], model, diffusion, digits, args.seed, name, **sampling)
     if args.export:
@@ -184,21 +198,28 @@ def save_sweep(path, model, draw, digits, tag, name):
 
 
 def save_process(path, model, diffusion, digits, seed, name, **sampling):
-    """One chain per digit: x_T, then nine snapshots down to x_0, from the same starting noise x_T."""
+    """One chain per digit, from the same starting noise: x_t at ten steps down to x_0 (left), and beside
+    each the clean digit x0_hat that the model saw in that x_t (right)."""
     device = next(model.parameters()).device
     y = torch.tensor(digits, device=device)
     x_T = torch.randn(len(y), 1, 28, 28, device=device, generator=torch.Generator(device).manual_seed(seed))
-    steps = sampling["steps"]
-    keep = set(torch.linspace(0, steps - 1, 9).round().long().tolist())  # nine steps, evenly spaced, the last included
-    frames = []
-    snapshot = lambda i, t_prev, x: frames.append((t_prev, x)) if i in keep else None
+    ts = diffusion.timesteps(sampling["steps"])
+    keep = set(torch.linspace(0, len(ts) - 1, 9).round().long().tolist())  # nine steps, evenly spaced
+    frames, inputs = [], [x_T]
+
+    def snapshot(i, t_prev, x, x0_hat):
+        if i in keep:
+            frames.append((ts[i], inputs[-1], x0_hat))  # the step's input x_t and what it saw in it
+        inputs.append(x)
+
     with autocast(device):
         diffusion.sample(model, y, x_T=x_T.clone(), generator=torch.Generator(device).manual_seed(seed + 1),
                          callback=snapshot, **sampling)
-    strip = torch.stack([x_T] + [x_t for _, x_t in frames], 1).cpu()  # [D, 10, 1, 28, 28]
-    cols = [f"t={diffusion.T - 1}"] + [f"t={t}" if t >= 0 else "x_0" for t, _ in frames]
-    save_grid(path, {"": strip}, [str(d) for d in digits], cols, title=f"reverse process ({name})")
-
+    x_t = torch.stack([x for _, x, _ in frames] + [inputs[-1]], 1).cpu()    # [D, 10, 1, 28, 28]
+    x_0 = torch.stack([x0 for _, _, x0 in frames] + [inputs[-1]], 1).cpu()
+    cols = [f"t={t}" for t, _, _ in frames] + ["x_0"]
+    save_grid(path, {"x_t": x_t, "x0_hat, the clean digit seen in x_t": x_0}, [str(d) for d in digits], cols,
+              title=f"reverse process ({name})")
 
 if __name__ == "__main__":
     run_cli(main)

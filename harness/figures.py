@@ -120,3 +120,23 @@ def save_spectrum(path, energy, ranks, title, max_k=32):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_schedule(path, diffusion, interval=None):
+    """alpha_bar_t and SNR_t = alpha_bar_t / (1 - alpha_bar_t) against t, the guidance interval shaded."""
+    t = torch.arange(diffusion.T)
+    alpha_bar = diffusion.alpha_bar_at(t).flatten().cpu()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.plot(t, alpha_bar, color="tab:blue", label="alpha_bar_t: the share of x_t's variance that is x_0")
+    ax.set_xlabel("step t")
+    ax.set_ylabel("alpha_bar_t", color="tab:blue")
+    snr = ax.twinx()
+    snr.semilogy(t, alpha_bar / (1 - alpha_bar), color="tab:red", label="SNR_t")
+    snr.set_ylabel("SNR_t = alpha_bar_t / (1 - alpha_bar_t)", color="tab:red")
+    if interval:
+        ax.axvspan(interval[0], interval[1], color="gray", alpha=0.2, label=f"guidance on t in [{interval[0]}, {interval[1]}]")
+    ax.legend(loc="center right", fontsize=8)
+    ax.set_title(f"the noise schedule, T = {diffusion.T}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -572,3 +572,13 @@ def test_running_out_of_memory_is_one_line_that_says_what_to_do(capsys):
 def test_a_flag_given_twice_adds_to_it_instead_of_replacing_it():
     args = denoise.parse_args(["--lora", "a.pt", "--lora", "b.pt", "--lora-scale", "1", "--lora-scale", "0.5"])
     assert args.lora == ["a.pt", "b.pt"] and args.lora_scale == [1.0, 0.5]
+
+
+def test_guidance_sweep_and_noise_schedule_figures(data_dir, tmp_path):
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    fig = tmp_path / "fig"
+    denoise.main(["--ckpt", ckpt, "--steps", "3", "--per-digit", "1", "--device", "cpu", "--figures", str(fig),
+                  "--guidance-sweep", "1", "3"])
+    for name in ("guidance_sweep.png", "denoise_process.png", "noise_schedule.png"):
+        assert os.path.getsize(fig / name) > 1000, name
+    _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--guidance-sweep", "1", "nan"), "--guidance-sweep")
