@@ -78,9 +78,9 @@ def check_flags(args):
         raise ValueError(f"--export writes a NumPy .npz file; got {args.export}")
     if args.guidance_interval is not None:
         parse_interval(args.guidance_interval)
-    if args.controlnet and (args.sweep or args.process or args.beside):
-        raise ValueError("--sweep, --process and --beside draw without the ControlNet's controls: leave them out with "
-                         "--controlnet")
+    if args.controlnet and (args.sweep or args.process or args.beside or args.guidance_sweep):
+        raise ValueError("--sweep, --guidance-sweep, --process and --beside draw without the ControlNet's controls: "
+                         "leave them out with --controlnet")
 
 
 def output_paths(args, tag):
@@ -207,9 +207,9 @@ def save_process(path, model, diffusion, digits, seed, name, **sampling):
     keep = set(torch.linspace(0, len(ts) - 1, 9).round().long().tolist())  # nine steps, evenly spaced
     frames, inputs = [], [x_T]
 
-    def snapshot(i, t_prev, x, x0_hat):
-        if i in keep:
-            frames.append((ts[i], inputs[-1], x0_hat))  # the step's input x_t and what it saw in it
+    def snapshot(i, t_prev, x, eps):
+        if i in keep:  # the step's input x_t, and the clean digit it saw in it
+            frames.append((ts[i], inputs[-1], diffusion.predict_x0(inputs[-1], ts[i], eps)))
         inputs.append(x)
 
     with autocast(device):

@@ -4,7 +4,7 @@
     python lora_finetune.py --style italic --out checkpoints/italic.pt
     python lora_finetune.py --targets attn --rank 4   # cross-attention projections only
     python lora_finetune.py --variant dora            # or --rslora, or --lr-ratio 16 (LoRA+)
-    python lora_finetune.py --variant adalora         # ranks that move between layers, 12 -> 8 on average
+    python lora_finetune.py --variant adalora         # ranks that move between layers
     python lora_finetune.py --variant full --out checkpoints/bold-full.pt   # full fine-tuning: dW itself
 
 Loads the base model (its averaged weights, the ones we sample with), wraps the layers named by --targets

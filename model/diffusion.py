@@ -197,9 +197,9 @@ class Diffusion:
         """Draw one image per label in y [B], starting from x_T ~ N(0, I). Returns x_0 [B,1,28,28] in [-1,1].
 
         `guidance` applies at steps t with t_lo <= t <= t_hi when `guidance_interval` = (t_lo, t_hi) is
-        given, at every step otherwise. `callback(i, t_prev, x, x0_hat)`, if given, is called after step i with
-        the new x_{t_prev} (t_prev = -1: x_0) and the clean digit the step aimed at: a progress bar's update, or
-        a figure's snapshots. Everything stays
+        given, at every step otherwise. `callback(i, t_prev, x, eps)`, if given, is called after step i with
+        the new x_{t_prev} (t_prev = -1: x_0) and the step's eps_hat: a progress bar's update, or a figure's
+        snapshots (which can rebuild the clean digit the step aimed at with `predict_x0`). Everything stays
         on the device: no host copies per step.
         """
         steps = self.T if steps is None else steps
@@ -216,13 +216,12 @@ class Diffusion:
             # Fresh noise only where the step uses it (not DDIM with eta = 0, not the last step).
             stochastic = t_prev >= 0 and (sampler == "ddpm" or eta > 0)
             noise = torch.randn(x.shape, device=device, generator=generator) if stochastic else 0.0
-            x_in = x
             if sampler == "ddpm":
                 x = self.ddpm_step(x, t, t_prev, eps, noise)
             else:
                 x = self.ddim_step(x, t, t_prev, eps, eta, noise)
             if callback is not None:
-                callback(i, t_prev, x, self.predict_x0(x_in, t, eps))
+                callback(i, t_prev, x, eps)
         return x
 
 
