@@ -6,6 +6,8 @@
     python ablate.py quant    # NF4 settings against the full-precision model; QLoRA adapters on the 4-bit model
     python ablate.py dit      # the DiT's three label designs and the UNet at equal training minutes; LoRA on a DiT
     python ablate.py lowrank  # full fine-tuning, LoRAs cut from it at r = 1..16, LoRAs trained at r, AdaLoRA
+    python ablate.py attention    # how sharply --base's cross-attention picks among the label's tokens, and what
+                                  # its choice is worth: each layer's weights made equal (w_k = 0), then all
 
 Every row is a real run of lora_finetune.py, train.py, controlnet_train.py or quantize.py at this machine's preset (the flags in the table are
 the only change), each in a process of its own so that its time and peak memory are its own, then scored
@@ -40,6 +42,7 @@ from harness.metrics import Judge, classify
 from harness.runs import plan_steps
 from harness.sampling import SHIPPED_CHECKPOINT, describe, digit_labels, generate, load_sampler, sampling_settings
 from model.adapters import set_lora
+from model.attention import CrossAttention
 from model.controls import control_image
 from model.quant import four_bit_layers, storage_bytes
 
@@ -95,7 +98,7 @@ BASE_RUNS = {
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("study", choices=("lora", "base", "controlnet", "quant", "dit", "lowrank"), help="which ablation to run")
+    p.add_argument("study", choices=("lora", "base", "controlnet", "quant", "dit", "lowrank", "attention"), help="which ablation to run")
     p.add_argument("--base", default=SHIPPED_CHECKPOINT, help="the model the adapters adapt (lora)")
     p.add_argument("--per-digit", type=positive_int, default=100, help="samples per digit for every score")
     p.add_argument("--work", default="checkpoints/ablation", help="folder for the runs' files (overwritten)")
@@ -569,6 +572,49 @@ def lowrank_row(name, r):
                          for s in STYLES) + " |")
 
 
+def attention_study(args, device, judge, labels):
+    """--base's cross-attention layers: the weight of the token each location weighs most, per head and with the
+    heads averaged, over every pass of the scored samples (labelled and null alike); then the samples again with each layer's choice taken
+    away -- w_k = 0 makes every score Q K^T zero, so every location weighs the label's tokens equally."""
+    s = load_sampler(args.base, device)
+    sampling, batch_size = sampling_for(s.checkpoint, s.diffusion, device)
+    layers = {name: m for name, m in s.model.named_modules() if isinstance(m, CrossAttention)}
+    draw = lambda: judge(generate(s.model, s.diffusion, labels, seed=0, batch_size=batch_size, **sampling), labels)
+    top, shape = {name: [] for name in layers}, {}
+
+    def recorder(name):
+        def record(module, inputs, output):
+            w = module.weights(*inputs)  # [B, heads, H*W, L]
+            top[name].append(torch.stack([w.max(-1).values.mean(), w.mean(1).max(-1).values.mean()]))
+            shape[name] = w.shape[1:]
+        return record
+
+    hooks = [m.register_forward_hook(recorder(name)) for name, m in layers.items()]
+    rows = [("none (the model as trained)", draw())]
+    for hook in hooks:
+        hook.remove()
+    for name in [*layers, "all"]:
+        print(f"== equal weights in {name}", flush=True)
+        chosen = [m for n, m in layers.items() if name in (n, "all")]
+        kept = [m.w_k.weight.clone() for m in chosen]
+        with torch.no_grad():
+            for m in chosen:
+                m.w_k.weight.zero_()
+            rows.append((f"{name}: w_k = 0", draw()))
+            for m, weight in zip(chosen, kept):
+                m.w_k.weight.copy_(weight)
+    lines = ["| layer | locations, heads | top token's weight: per head, heads averaged |", "|---|---|---|"]
+    for name in layers:
+        (per_head, averaged), (heads, n, tokens) = torch.stack(top[name]).mean(0).tolist(), shape[name]
+        lines.append(f"| {name} | {math.isqrt(n)}x{math.isqrt(n)}, {heads} | {per_head:.2f}, {averaged:.2f} |")
+    lines += ["", "| equal token weights in | class accuracy | FID |", "|---|---|---|"]
+    lines += [f"| {name} | {100 * r['accuracy']:.1f}% | {r['fid']:.2f} |" for name, r in rows]
+    notes = [f"With {tokens} tokens per label, equal weights would give the top token {1 / tokens:.2f}. FID's "
+             f"real-data floor: {rows[0][1]['fid_floor']:.2f}. The map itself: `python denoise.py --ckpt {args.base} "
+             "--attention PNG` (figure/attention.png)."]
+    return lines, notes, describe(**sampling)
+
+
 def score_sampling(args, device):
     s = load_sampler(args.base, device)
     return sampling_for(s.checkpoint, s.diffusion, device)[0]
@@ -581,6 +627,10 @@ def base_sampler(path, device):
 
 def check_runs(args):
     """Every run's flags parse and agree, and none fights what the study sets itself, before the first run."""
+    if args.study == "attention":
+        if args.flags:
+            raise ValueError("--flags: the attention study trains nothing; it samples --base as it is")
+        return
     own = dict(lora=("--base", "--out", "--style", "--force", "--resume"),
                base=("--out", "--max-steps", "--resume", "--force"),
                controlnet=("--base", "--out", "--max-steps", "--resume", "--force"),
@@ -616,7 +666,7 @@ def main(argv=None):
     for figure in dict(dit=["dit_designs.png"], lowrank=[f"lowrank_{s}.png" for s in STYLES]).get(args.study, []):
         check_writable(os.path.join(args.figures, figure))
     check_runs(args)
-    if args.study in ("lora", "controlnet", "quant", "lowrank") and not os.path.isfile(args.base):
+    if args.study in ("lora", "controlnet", "quant", "lowrank", "attention") and not os.path.isfile(args.base):
         raise FileNotFoundError(f"--base {args.base} not found (train.py writes one; the shipped one is "
                                 f"{SHIPPED_CHECKPOINT})")
     device = pick_device(args.device)
@@ -625,7 +675,7 @@ def main(argv=None):
     labels = digit_labels(range(10), args.per_digit, device)
     start = time.time()
     study = dict(lora=lora_study, base=base_study, controlnet=controlnet_study, quant=quant_study,
-                 dit=dit_study, lowrank=lowrank_study)[args.study]
+                 dit=dit_study, lowrank=lowrank_study, attention=attention_study)[args.study]
     lines, notes, sampler = study(args, device, judge, labels)
     header = [f"# Ablation: {args.study}\n",
               f"`python ablate.py {args.study}` on {hardware_name(device)}, PyTorch {torch.__version__}, "

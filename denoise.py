@@ -6,6 +6,7 @@
     python denoise.py --ckpt pretrained/model.pt --lora pretrained/bold.pt pretrained/italic.pt --compare
     python denoise.py --export samples.npz --per-digit 1000  # for evaluate.py
     python denoise.py --ckpt pretrained/model-nf4.pt --lora pretrained/bold-nf4.pt --compare --beside pretrained/model.pt
+    python denoise.py --ckpt pretrained/model.pt --attention outputs/attention.png   # where pixels look in the label
     python denoise.py --ckpt pretrained/dit.pt --beside pretrained/model.pt     # the Diffusion Transformer beside the UNet
     python denoise.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt   # control | drawn
     python denoise.py --ckpt pretrained/model.pt --controlnet pretrained/controlnet-skeleton.pt --control-from my.png
@@ -25,12 +26,13 @@ import time
 import torch
 
 from harness.cli import OUTPUTS, Parser, check_writable, parse_digits, pick_device, positive_int, run_cli
-from harness.figures import save_grid, save_schedule, save_strip_gif
+from harness.figures import save_attention, save_grid, save_schedule, save_strip_gif
 from harness.files import save_npz
 from harness.sampling import (add_sampling_flags, adapter_name, control_inputs, default_checkpoint, describe, guidance_scale,
                               digit_labels, generate, load_sampler, lora_scales, parse_interval, presets_text,
                               sampling_settings)
 from model.adapters import lora_layers, set_lora
+from model.attention import CrossAttention
 from model.data import to_uint8
 from model.training import autocast
 
@@ -61,6 +63,8 @@ def parse_args(argv=None):
                    "(default FIGURES/denoise_process.png without --lora; '' to skip)")
     p.add_argument("--guidance-sweep", type=guidance_scale, nargs="+", metavar="S",
                    help="draw the same noise at each guidance scale S, one panel each -> FIGURES/guidance_sweep.png")
+    p.add_argument("--attention", metavar="PNG", help="also draw the first cross-attention layer's map halfway "
+                   "down the chain: for one digit of each label, which of its context tokens each location reads")
     p.add_argument("--export", metavar="FILE.npz",
                    help="also save all samples: uint8 images [N,28,28] (0 = black) and int labels [N]")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; slower start)")
@@ -78,9 +82,9 @@ def check_flags(args):
         raise ValueError(f"--export writes a NumPy .npz file; got {args.export}")
     if args.guidance_interval is not None:
         parse_interval(args.guidance_interval)
-    if args.controlnet and (args.sweep or args.process or args.beside or args.guidance_sweep):
-        raise ValueError("--sweep, --guidance-sweep, --process and --beside draw without the ControlNet's controls: "
-                         "leave them out with --controlnet")
+    if args.controlnet and (args.sweep or args.process or args.beside or args.guidance_sweep or args.attention):
+        raise ValueError("--sweep, --guidance-sweep, --process, --attention and --beside draw without the "
+                         "ControlNet's controls: leave them out with --controlnet")
 
 
 def output_paths(args, tag):
@@ -91,7 +95,8 @@ def output_paths(args, tag):
                  else args.process,
                  compare=figure(f"compare_{tag}.png") if args.compare else "",
                  sweep=figure(f"sweep_{tag}.png") if args.sweep else "", export=args.export or "",
-                 guidance=figure(f"guidance_sweep{'_' + tag if tag else ''}.png") if args.guidance_sweep else "")
+                 guidance=figure(f"guidance_sweep{'_' + tag if tag else ''}.png") if args.guidance_sweep else "",
+                 attention=args.attention or "")
     # The noise schedule goes with the reverse process's default figure: the same steps, seen as numbers.
     paths["schedule"] = figure("noise_schedule.png") if paths["process"] and args.process is None else ""
     for what, path in paths.items():
@@ -121,6 +126,9 @@ def main(argv=None):
     tag = "_".join(filter(None, ["dit" if dit else "", "nf4" if four_bit else "",
                                  controlnet and f"controlnet-{controlnet.kind}", adapter_name(adapters)]))
     paths = output_paths(args, tag)
+    if paths["attention"] and not any(isinstance(m, CrossAttention) for m in model.modules()):
+        raise ValueError(f"--attention draws cross-attention maps, and {ckpt} has no cross-attention layer "
+                         "(a DiT reads the label by adaLN-Zero unless trained with --label-in cross-attn)")
     digits, labels = labels_wanted[0], digit_labels(*labels_wanted, device)  # [D * per_digit]
     controls = control_inputs(args, controlnet, labels) if controlnet else None  # [N, 1, 28, 28] in {0, 1}
     name = describe(**sampling) + "".join(
@@ -170,6 +178,8 @@ def main(argv=None):
         save_schedule(paths["schedule"], diffusion, sampling["guidance_interval"])
     if paths["process"]:
         save_process(paths["process"], model, diffusion, digits, args.seed, name, **sampling)
+    if paths["attention"]:
+        save_attention_map(paths["attention"], model, diffusion, digits, args.seed, name, **sampling)
     if args.export:
         save_npz(args.export, images=images.numpy(), labels=labels.cpu().numpy())
     print("wrote " + ", ".join(p for p in paths.values() if p) + (" (and the .gif)" if args.sweep else ""))
@@ -220,6 +230,33 @@ def save_process(path, model, diffusion, digits, seed, name, **sampling):
     cols = [f"t={t}" for t, _, _ in frames] + ["x_0"]
     save_grid(path, {"x_t": x_t, "x0_hat, the clean digit seen in x_t": x_0}, [str(d) for d in digits], cols,
               title=f"reverse process ({name})")
+
+
+def save_attention_map(path, model, diffusion, digits, seed, name, **sampling):
+    """One chain per digit; halfway down it, the first cross-attention layer's weights over the label's tokens
+    (CrossAttention.weights), per head, drawn over the digit the chain ends in."""
+    layer_name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, CrossAttention))
+    device = next(model.parameters()).device
+    y = torch.tensor(digits, device=device)
+    ts = diffusion.timesteps(sampling["steps"])
+    halfway, calls, maps = len(ts) // 2, [], []
+
+    def grab(module, inputs, output):  # called once per step (a guided step's 2B rows go through as one batch)
+        if len(calls) == halfway:
+            x, context = inputs
+            maps.append(module.weights(x[:len(y)], context[:len(y)]))  # the labelled half: [D, heads, H*W, L]
+        calls.append(1)
+
+    hook = layer.register_forward_hook(grab)
+    try:
+        x_0 = generate(model, diffusion, y, seed=seed, batch_size=len(y), **sampling)
+    finally:
+        hook.remove()
+    heads, n = maps[0].shape[1:3]
+    save_attention(path, to_uint8(x_0[:, 0]), maps[0], [str(d) for d in digits],
+                   f"{layer_name} ({int(n ** 0.5)}x{int(n ** 0.5)}, {heads} heads) at t = {ts[halfway]}: which of the "
+                   f"label's {maps[0].shape[-1]} tokens each location reads; {name}")
+
 
 if __name__ == "__main__":
     run_cli(main)

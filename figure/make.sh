@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates every figure in figure/ with the current code, on whatever machine runs it (about 8 minutes
 # on a 2-core CPU): the README's three commands with --figures figure (their checkpoints go to
-# outputs/figure-run/, never over yours), then the shipped adapters' comparisons, sweep and stack, and the
-# shipped ControlNets' controls and drawings, the 4-bit model beside the full-precision one, the DiT, and the
-# spectra of the full fine-tunes beside AdaLoRA's ranks.
+# outputs/figure-run/, never over yours), then the shipped model's guidance sweep and attention map, the
+# shipped adapters' comparisons, sweep and stack, the shipped ControlNets' controls and drawings, the 4-bit
+# model beside the full-precision one, the DiT, and the spectra of the full fine-tunes beside AdaLoRA's ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=outputs/figure-run
@@ -13,6 +13,9 @@ python denoise.py --ckpt "$run/model.pt" --figures figure   # samples, the rever
 # Guidance's trade on the shipped model: the same noise at four scales, four digits each.
 python denoise.py --ckpt pretrained/model.pt --per-digit 4 --guidance-sweep 1 1.3 2 4 --process '' --figures figure \
   --out outputs/samples_guidance.png
+# Where the shipped model's pixels look among the label's tokens, halfway down the chain.
+python denoise.py --ckpt pretrained/model.pt --per-digit 1 --attention figure/attention.png --process '' \
+  --out outputs/samples_attention.png
 python denoise.py --ckpt "$run/model.pt" --lora "$run/bold.pt" --compare --process '' --figures figure
 for style in italic inverted; do
   python denoise.py --ckpt pretrained/model.pt --lora "pretrained/$style.pt" --compare --process '' --figures figure

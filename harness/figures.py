@@ -140,3 +140,36 @@ def save_schedule(path, diffusion, interval=None):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+
+def save_attention(path, digits, maps, row_labels, title):
+    """Where each location looks: per digit (row), the digit, then one panel per head of its attention map,
+    each location coloured by the tokens it weighs (a mix of one colour per token), over the digit; the last
+    panel averages the heads. digits: [R, 28, 28] uint8; maps: [R, heads, H*W, L] weights."""
+    R, heads, n, L = maps.shape
+    side = int(n ** 0.5)
+    colours = torch.tensor(plt.cm.tab10(range(L))[:, :3], dtype=torch.float32)  # [L, 3]: one colour per token
+    maps = torch.cat([maps, maps.mean(1, keepdim=True)], 1).float().cpu()       # [R, heads + 1, n, L]
+    rgb = (maps @ colours).view(R, heads + 1, side, side, 3)                    # each location's colour mix
+    rgb = rgb.repeat_interleave(28 // side, 2).repeat_interleave(28 // side, 3)  # [R, heads + 1, 28, 28, 3]
+    ink = digits.float().div(255).cpu()[:, None, :, :, None]                     # [R, 1, 28, 28, 1]
+    cells = torch.cat([ink.expand(-1, 1, -1, -1, 3), 0.6 * rgb + 0.4 * ink], 1)  # the digit, then the maps over it
+    tiles = torch.ones(R, heads + 2, 30, 30, 3)
+    tiles[:, :, 1:29, 1:29] = cells
+    mosaic = tiles.permute(0, 2, 1, 3, 4).reshape(R * 30, (heads + 2) * 30, 3)
+    fig, ax = plt.subplots(figsize=(0.5 * (heads + 2) + 1.2, 0.5 * R + 1.2))
+    ax.imshow(mosaic.clamp(0, 1).numpy(), interpolation="nearest")
+    ax.set_yticks([15 + 30 * i for i in range(R)], row_labels)
+    ax.set_xticks([15 + 30 * i for i in range(heads + 2)], ["x_0"] + [f"head {h}" for h in range(heads)] + ["mean"],
+                  fontsize=7, rotation=30)
+    ax.tick_params(length=0)
+    for side_ in ax.spines.values():
+        side_.set_visible(False)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c.tolist()) for c in colours]
+    ax.legend(handles, [f"token {i}" for i in range(L)], fontsize=7, loc="upper center", ncol=L,
+              bbox_to_anchor=(0.5, -0.08), frameon=False)
+    ax.set_title(title, fontsize=8, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

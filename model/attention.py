@@ -14,9 +14,16 @@ Why at least two tokens: with a single key the softmax over keys is identically 
 and `w_q` and `w_k` receive exactly zero gradient -- a LoRA on them could never learn. Several tokens give
 the softmax something to choose between.
 
+The map itself, softmax(Q K^T / sqrt(d_head)) -- for each pixel, its weights over the tokens -- is what
+`CrossAttention.weights` returns; the forward pass never forms it, since `scaled_dot_product_attention`
+fuses it away.
+
 Label index `num_classes` (10 for MNIST) is the learned "null" label: the context of an unconditional
 prediction, used by classifier-free guidance (see diffusion.py).
 """
+import math
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -62,11 +69,21 @@ class CrossAttention(nn.Module):
         out = self.w_o(multi_head(q, k, v, self.heads))    # [B, H*W, C]
         return x + out.transpose(1, 2).reshape(B, C, H, W)  # residual: the block only adds what the label says
 
+    def weights(self, x, context):
+        """The attention map: each pixel's weights over the context tokens, summing to 1. [B, heads, H*W, L]"""
+        q = split_heads(self.w_q(self.norm(x).flatten(2).transpose(1, 2)), self.heads)  # [B, heads, H*W, d_head]
+        k = split_heads(self.w_k(context), self.heads)                                   # [B, heads, L, d_head]
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+
 
 def multi_head(q, k, v, heads):
     """softmax(Q K^T / sqrt(d_head)) V in `heads` heads: q [B, n, C], k and v [B, L, C] -> [B, n, C]."""
     B, n, C = q.shape
-    # Split channels into heads: [B, n, C] -> [B, heads, n, C/heads]
-    q, k, v = (t.view(B, -1, heads, C // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)          # [B, heads, n, C/heads]
+    out = F.scaled_dot_product_attention(*(split_heads(t, heads) for t in (q, k, v)))  # [B, heads, n, C/heads]
     return out.transpose(1, 2).reshape(B, n, C)            # the heads side by side again
+
+
+def split_heads(t, heads):
+    """[B, n, C] -> [B, heads, n, C/heads]: each head attends with its own slice of the channels."""
+    B, n, C = t.shape
+    return t.view(B, n, heads, C // heads).transpose(1, 2)

@@ -116,7 +116,7 @@ def test_controlnet_train_draw_resume_and_refuse_through_the_scripts(data_dir, t
     train.main(["--data-dir", data_dir, "--out", other, "--channels", "16,32,32", "--batch-size", "16",
                 "--max-steps", "1", "--device", "cpu", "--figures", str(tmp_path / "fig"), "--seed", "3"])
     _refused(denoise.main, ["--ckpt", other, *sample[2:]], "different base model", capsys)
-    _refused(denoise.main, [*sample, "--sweep", "--lora", out], "--sweep, --guidance-sweep, --process and --beside", capsys)
+    _refused(denoise.main, [*sample, "--sweep", "--lora", out], "--sweep, --guidance-sweep, --process, --attention and --beside", capsys)
     _refused(denoise.main, [*sample, "--guidance-sweep", "1", "2"], "--guidance-sweep", capsys)
     _refused(controlnet_train.main, [*common, "--max-steps", "2"], "already exists", capsys)
 

@@ -40,6 +40,22 @@ def test_cross_attention_gradients_reach_w_q_w_k_w_v(tiny_model):
         assert grad is not None and grad.abs().sum() > 0, f"{name} got no gradient"
 
 
+def test_the_attention_map_is_the_one_the_fused_forward_uses():
+    """CrossAttention.weights is softmax(Q K^T / sqrt(d)) itself: weights @ V, heads joined, then w_o and the
+    residual, gives forward's output; each pixel's weights sum to 1; w_k = 0 makes them equal."""
+    torch.manual_seed(0)
+    attn, x, context = CrossAttention(32, 8, heads=4), torch.randn(3, 32, 7, 7), torch.randn(3, 5, 8)
+    w = attn.weights(x, context)                                          # [3, 4, 49, 5]
+    assert w.shape == (3, 4, 49, 5) and torch.allclose(w.sum(-1), torch.ones(3, 4, 49))
+    assert w.max() > 0.5                                                   # random weights already choose
+    v = attn.w_v(context).view(3, 5, 4, 8).transpose(1, 2)                 # [3, heads, 5, 8]
+    out = attn.w_o((w @ v).transpose(1, 2).reshape(3, 49, 32)).transpose(1, 2).reshape(3, 32, 7, 7)
+    torch.testing.assert_close(x + out, attn(x, context), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        attn.w_k.weight.zero_()
+    torch.testing.assert_close(attn.weights(x, context), torch.full_like(w, 1 / 5))
+
+
 def test_a_single_context_token_starves_w_q_and_w_k():
     """Why the label is several tokens: softmax over one key is 1, so w_q and w_k learn nothing."""
     torch.manual_seed(0)

@@ -582,3 +582,38 @@ def test_guidance_sweep_and_noise_schedule_figures(data_dir, tmp_path):
     for name in ("guidance_sweep.png", "denoise_process.png", "noise_schedule.png"):
         assert os.path.getsize(fig / name) > 1000, name
     _one_line_error(_cli("denoise.py", "--ckpt", ckpt, "--guidance-sweep", "1", "nan"), "--guidance-sweep")
+
+
+def test_the_attention_map_figure_and_its_study(data_dir, tmp_path, monkeypatch):
+    """denoise.py --attention draws the first cross-attention layer's map halfway down the chain, as it is
+    computed in the real sampling run; ablate.py attention takes each layer's choice away (w_k = 0), and the
+    weights come back after each row."""
+    import ablate
+    from model.attention import CrossAttention
+
+    ckpt = _train(data_dir, tmp_path, "--max-steps", "1")
+    seen = []
+    weights = CrossAttention.weights
+    monkeypatch.setattr(CrossAttention, "weights", lambda self, x, c: seen.append(x.shape) or weights(self, x, c))
+    out = tmp_path / "attention.png"
+    denoise.main(["--ckpt", ckpt, "--steps", "4", "--per-digit", "1", "--digits", "3,7", "--device", "cpu",
+                  "--figures", str(tmp_path), "--process", "", "--attention", str(out)])
+    assert os.path.getsize(out) > 1000 and seen == [(2, 32, 7, 7)]  # once: step 2 of 4, the two digits' rows
+    monkeypatch.setattr(CrossAttention, "weights", weights)
+    zeroed, generate = [], ablate.generate  # which layers have w_k = 0 at each scored draw
+
+    def spy(model, *a, **k):
+        zeroed.append([bool(m.w_k.weight.eq(0).all()) for m in model.modules() if isinstance(m, CrossAttention)])
+        return generate(model, *a, **k)
+
+    monkeypatch.setattr(ablate, "generate", spy)
+    text = ablate.main(["attention", "--base", ckpt, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu",
+                        "--out", str(tmp_path / "a.md"), "--classifier", CLASSIFIER])
+    assert "| all: w_k = 0 |" in text and "| down.2.attn | 7x7, 4 |" in text
+    # the model as trained, then each layer alone (the others restored), then all three
+    assert zeroed == [[False] * 3, [True, False, False], [False, True, False], [False, False, True], [True] * 3]
+    dit = str(tmp_path / "dit.pt")
+    train.main(["--data-dir", data_dir, "--out", dit, "--figures", str(tmp_path / "fig"), "--max-steps", "1",
+                "--backbone", "dit", "--patch", "7", "--width", "16", "--depth", "1", "--batch-size", "16",
+                "--device", "cpu"])
+    _one_line_error(_cli("denoise.py", "--ckpt", dit, "--attention", str(out)), "no cross-attention layer")
