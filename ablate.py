@@ -35,7 +35,7 @@ import lora_extract
 import lora_finetune
 import quantize
 import train
-from harness.cli import Parser, check_writable, hardware_name, pick_device, positive_int, run_cli
+from harness.cli import Parser, check_writable, code_version, hardware_name, pick_device, positive_int, run_cli
 from harness.config import PRESETS, preset_for, with_flags
 from harness.figures import save_grid
 from harness.metrics import Judge, classify
@@ -679,7 +679,7 @@ def main(argv=None):
     lines, notes, sampler = study(args, device, judge, labels)
     header = [f"# Ablation: {args.study}\n",
               f"`python ablate.py {args.study}` on {hardware_name(device)}, PyTorch {torch.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}, {time.time() - start:.0f} s in all. Scores: {len(labels):,} samples "
+              f"{time.strftime('%Y-%m-%d')}, {code_version()}, {time.time() - start:.0f} s in all. Scores: {len(labels):,} samples "
               f"({args.per_digit} per digit, {sampler}, seed 0), classifier {judge.fingerprint}"
               + (f"; every run with `{args.flags}`" if args.flags else "") + ".\n"]
     text = "\n".join(header + lines + [""] + notes) + "\n"

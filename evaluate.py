@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from harness.cli import Parser, check_writable, hardware_name, parse_digits, pick_device, positive_int, run_cli
+from harness.cli import (Parser, check_writable, code_version, hardware_name, parse_digits, pick_device, positive_int,
+                         run_cli)
 from harness.metrics import Judge, control_f1
 from harness.sampling import (add_sampling_flags, control_inputs, default_checkpoint, describe, digit_labels,
                               generate, load_sampler, lora_scales, parse_interval, presets_text, sampling_settings)
@@ -111,10 +112,11 @@ def write_results(path):
     for name, flags in RESULTS:
         row, r = result_row(name, flags)
         lines.append(row)
-    text = "\n".join([f"# Results\n", f"Written by `python evaluate.py --results {path}` on {hardware_name(torch.device('cpu'))}, "
-                      f"PyTorch {torch.__version__}, {time.strftime('%Y-%m-%d')}; classifier {r['classifier_fingerprint']} "
-                      f"({100 * r['classifier_test_accuracy']:.2f}% on MNIST test). Style rows: accuracy and FID with the "
-                      "adapter on, against real digits in that style.\n", *lines]) + "\n"
+    text = "\n".join([f"# Results\n", f"Written by `python evaluate.py --results {path}` on "
+                      f"{hardware_name(pick_device())}, PyTorch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
+                      f"{code_version()}; classifier {r['classifier_fingerprint']} "
+                      f"({100 * r['classifier_test_accuracy']:.2f}% on MNIST test). Style rows: accuracy and FID with "
+                      "the adapter on, against real digits in that style.\n", *lines]) + "\n"
     with open(path, "w") as f:
         f.write(text)
     print(text)

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 
@@ -85,6 +86,18 @@ def hardware_name(device):
         names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
         model = names[0] if names else model
     return f"{model}, {torch.get_num_threads()} threads ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def code_version():
+    """'code at `abc1234`' (plus ' with uncommitted changes'): what a generated table says made it, so that a
+    docs page can keep its history. Outside a git checkout: 'code outside git'."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        commit, changed = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "code outside git"
+    return f"code at `{commit}`" + (" with uncommitted changes" if changed else "")
 
 
 def seed_everything(seed):

@@ -610,6 +610,7 @@ def test_the_attention_map_figure_and_its_study(data_dir, tmp_path, monkeypatch)
     text = ablate.main(["attention", "--base", ckpt, "--data-dir", data_dir, "--per-digit", "1", "--device", "cpu",
                         "--out", str(tmp_path / "a.md"), "--classifier", CLASSIFIER])
     assert "| all: w_k = 0 |" in text and "| down.2.attn | 7x7, 4 |" in text
+    assert "code at `" in text or "code outside git" in text  # the table says which code made it
     # the model as trained, then each layer alone (the others restored), then all three
     assert zeroed == [[False] * 3, [True, False, False], [False, True, False], [False, False, True], [True] * 3]
     dit = str(tmp_path / "dit.pt")
