@@ -127,8 +127,8 @@ def main(argv=None):
                                  controlnet and f"controlnet-{controlnet.kind}", adapter_name(adapters)]))
     paths = output_paths(args, tag)
     if paths["attention"] and not any(isinstance(m, CrossAttention) for m in model.modules()):
-        raise ValueError(f"--attention draws cross-attention maps, and {ckpt} has no cross-attention layer "
-                         "(a DiT reads the label by adaLN-Zero unless trained with --label-in cross-attn)")
+        raise ValueError(f"--attention draws the UNet's cross-attention map, and {ckpt} is no UNet: "
+                         "give --ckpt a UNet checkpoint (e.g. pretrained/model.pt)")
     digits, labels = labels_wanted[0], digit_labels(*labels_wanted, device)  # [D * per_digit]
     controls = control_inputs(args, controlnet, labels) if controlnet else None  # [N, 1, 28, 28] in {0, 1}
     name = describe(**sampling) + "".join(

@@ -617,4 +617,4 @@ def test_the_attention_map_figure_and_its_study(data_dir, tmp_path, monkeypatch)
     train.main(["--data-dir", data_dir, "--out", dit, "--figures", str(tmp_path / "fig"), "--max-steps", "1",
                 "--backbone", "dit", "--patch", "7", "--width", "16", "--depth", "1", "--batch-size", "16",
                 "--device", "cpu"])
-    _one_line_error(_cli("denoise.py", "--ckpt", dit, "--attention", str(out)), "no cross-attention layer")
+    _one_line_error(_cli("denoise.py", "--ckpt", dit, "--attention", str(out)), "is no UNet")
