@@ -14,7 +14,8 @@ the only change), each in a process of its own so that its time and peak memory 
 like evaluate.py: the same seeds, the committed classifier, FID beside the real-data floor. `lora` adapts
 --base (default: the shipped model) for the preset's steps; `base` trains four models and scores each
 at a quarter, half, three quarters and all of its run (--max-steps, then --resume: the same run as one
-uninterrupted). Each takes tens of minutes on a 2-core CPU (docs/ablation-*.md say how long they took).
+uninterrupted); `attention` trains nothing, it samples --base as it is. Each takes minutes to tens of minutes
+on a 2-core CPU (docs/ablation-*.md say how long they took).
 Every run's flags are checked before the first one starts. Writes a markdown table (--out).
 """
 import argparse
@@ -98,7 +99,8 @@ BASE_RUNS = {
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    p.add_argument("study", choices=("lora", "base", "controlnet", "quant", "dit", "lowrank", "attention"), help="which ablation to run")
+    p.add_argument("study", choices=("lora", "base", "controlnet", "quant", "dit", "lowrank", "attention"),
+                   help="which ablation to run")
     p.add_argument("--base", default=SHIPPED_CHECKPOINT, help="the model the adapters adapt (lora)")
     p.add_argument("--per-digit", type=positive_int, default=100, help="samples per digit for every score")
     p.add_argument("--work", default="checkpoints/ablation", help="folder for the runs' files (overwritten)")
@@ -574,11 +576,15 @@ def lowrank_row(name, r):
 
 def attention_study(args, device, judge, labels):
     """--base's cross-attention layers: the weight of the token each location weighs most, per head and with the
-    heads averaged, over every pass of the scored samples (labelled and null alike); then the samples again with each layer's choice taken
-    away -- w_k = 0 makes every score Q K^T zero, so every location weighs the label's tokens equally."""
+    heads averaged, over every pass of the scored samples (labelled and null alike); then the samples again
+    with each layer's choice taken away -- w_k = 0 makes every score Q K^T zero, so every location weighs the
+    label's tokens equally."""
     s = load_sampler(args.base, device)
-    sampling, batch_size = sampling_for(s.checkpoint, s.diffusion, device)
     layers = {name: m for name, m in s.model.named_modules() if isinstance(m, CrossAttention)}
+    if not layers:
+        raise ValueError(f"--base {args.base} is no UNet: the attention study reads the UNet's cross-attention "
+                         f"(e.g. --base {SHIPPED_CHECKPOINT})")
+    sampling, batch_size = sampling_for(s.checkpoint, s.diffusion, device)
     draw = lambda: judge(generate(s.model, s.diffusion, labels, seed=0, batch_size=batch_size, **sampling), labels)
     top, shape = {name: [] for name in layers}, {}
 
@@ -679,7 +685,8 @@ def main(argv=None):
     lines, notes, sampler = study(args, device, judge, labels)
     header = [f"# Ablation: {args.study}\n",
               f"`python ablate.py {args.study}` on {hardware_name(device)}, PyTorch {torch.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}, {code_version()}, {time.time() - start:.0f} s in all. Scores: {len(labels):,} samples "
+              f"{time.strftime('%Y-%m-%d')}, {code_version()}, {time.time() - start:.0f} s in all. "
+              f"Scores: {len(labels):,} samples "
               f"({args.per_digit} per digit, {sampler}, seed 0), classifier {judge.fingerprint}"
               + (f"; every run with `{args.flags}`" if args.flags else "") + ".\n"]
     text = "\n".join(header + lines + [""] + notes) + "\n"

@@ -20,6 +20,7 @@ sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in the interval of Kynkaann
 all guides every step; FIRST,LAST picks the steps by hand. Several adapters stack (each with its own
 --lora-scale), as Stable Diffusion LoRAs do.
 """
+import math
 import os
 import time
 
@@ -252,10 +253,11 @@ def save_attention_map(path, model, diffusion, digits, seed, name, **sampling):
         x_0 = generate(model, diffusion, y, seed=seed, batch_size=len(y), **sampling)
     finally:
         hook.remove()
-    heads, n = maps[0].shape[1:3]
+    heads, n, tokens = maps[0].shape[1:]
+    side = math.isqrt(n)
     save_attention(path, to_uint8(x_0[:, 0]), maps[0], [str(d) for d in digits],
-                   f"{layer_name} ({int(n ** 0.5)}x{int(n ** 0.5)}, {heads} heads) at t = {ts[halfway]}: which of the "
-                   f"label's {maps[0].shape[-1]} tokens each location reads; {name}")
+                   f"{layer_name} ({side}x{side}, {heads} heads) at t = {ts[halfway]}: which of the label's {tokens} "
+                   f"tokens each location reads; {name}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 The digits are tiled by torchvision's `make_grid`; matplotlib (Agg backend, so it works on machines
 without a display) adds the labels and titles and writes the PNG.
 """
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -142,17 +144,16 @@ def save_schedule(path, diffusion, interval=None):
     plt.close(fig)
 
 
-
 def save_attention(path, digits, maps, row_labels, title):
     """Where each location looks: per digit (row), the digit, then one panel per head of its attention map,
     each location coloured by the tokens it weighs (a mix of one colour per token), over the digit; the last
     panel averages the heads. digits: [R, 28, 28] uint8; maps: [R, heads, H*W, L] weights."""
     R, heads, n, L = maps.shape
-    side = int(n ** 0.5)
+    side, zoom = math.isqrt(n), 28 // math.isqrt(n)  # the map's grid (7 at 7x7) and its pixels per location
     colours = torch.tensor(plt.cm.tab10(range(L))[:, :3], dtype=torch.float32)  # [L, 3]: one colour per token
     maps = torch.cat([maps, maps.mean(1, keepdim=True)], 1).float().cpu()       # [R, heads + 1, n, L]
     rgb = (maps @ colours).view(R, heads + 1, side, side, 3)                    # each location's colour mix
-    rgb = rgb.repeat_interleave(28 // side, 2).repeat_interleave(28 // side, 3)  # [R, heads + 1, 28, 28, 3]
+    rgb = rgb.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)  # [R, heads + 1, 28, 28, 3]
     ink = digits.float().div(255).cpu()[:, None, :, :, None]                     # [R, 1, 28, 28, 1]
     cells = torch.cat([ink.expand(-1, 1, -1, -1, 3), 0.6 * rgb + 0.4 * ink], 1)  # the digit, then the maps over it
     tiles = torch.ones(R, heads + 2, 30, 30, 3)
@@ -164,8 +165,8 @@ def save_attention(path, digits, maps, row_labels, title):
     ax.set_xticks([15 + 30 * i for i in range(heads + 2)], ["x_0"] + [f"head {h}" for h in range(heads)] + ["mean"],
                   fontsize=7, rotation=30)
     ax.tick_params(length=0)
-    for side_ in ax.spines.values():
-        side_.set_visible(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c.tolist()) for c in colours]
     ax.legend(handles, [f"token {i}" for i in range(L)], fontsize=7, loc="upper center", ncol=L,
               bbox_to_anchor=(0.5, -0.08), frameon=False)

@@ -618,3 +618,5 @@ def test_the_attention_map_figure_and_its_study(data_dir, tmp_path, monkeypatch)
                 "--backbone", "dit", "--patch", "7", "--width", "16", "--depth", "1", "--batch-size", "16",
                 "--device", "cpu"])
     _one_line_error(_cli("denoise.py", "--ckpt", dit, "--attention", str(out)), "is no UNet")
+    _one_line_error(_cli("ablate.py", "attention", "--base", dit, "--data-dir", data_dir, "--per-digit", "1",
+                         "--out", str(tmp_path / "b.md")), "is no UNet")
